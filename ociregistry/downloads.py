@@ -1,0 +1,231 @@
+"""Blob downloads: one upstream GET per digest, streamed to every reader as it grows.
+
+A download writes into the store's temporary file.  Readers (client
+responses) open that file and read what has been written so far, waiting for
+more as it arrives; when the digest is verified the file is renamed into
+place and the index row added.  Until then the last byte is held back, so a
+client never sees a clean end to bytes that turn out wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import treq
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ociregistry.errors import OCIError, blob_unknown
+from ociregistry.index import Index
+from ociregistry.inflight import Observable
+from ociregistry.store import BlobStore, DigestMismatch, SizeExceeded, Writer
+from ociregistry.upstream import Upstream, UpstreamNotFound
+
+log = Logger()
+
+
+class BlobSource:
+    """What a response reads a blob from: a complete file, or a download in progress."""
+
+    size: int | None
+    digest: str
+
+    def open(self) -> int:
+        """A read-only descriptor for the bytes (positional reads only)."""
+        raise NotImplementedError
+
+    def available(self) -> int:
+        """How many bytes from the start may be sent now."""
+        raise NotImplementedError
+
+    def wait_for(self, offset: int) -> "Deferred[None]":
+        """Fires when more than ``offset`` bytes are available, or the blob is complete.
+
+        Fails if the download fails.
+        """
+        raise NotImplementedError
+
+
+class StoredBlob(BlobSource):
+    """A verified blob on disk."""
+
+    def __init__(self, digest: str, size: int, path: str) -> None:
+        self.digest = digest
+        self.size = size
+        self._path = path
+
+    def open(self) -> int:
+        return os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def available(self) -> int:
+        return self.size
+
+    def wait_for(self, offset: int) -> "Deferred[None]":
+        return succeed(None)
+
+
+class BlobDownload(BlobSource):
+    """A blob being fetched from upstream into a temporary file."""
+
+    def __init__(self, digest: str, writer: Writer) -> None:
+        self.digest = digest
+        self.size = None
+        self._writer = writer
+        self._complete = False
+        self._failure: Failure | None = None
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self.started: Observable[None] = Observable()
+        self.finished: Observable[None] = Observable()
+
+    def open(self) -> int:
+        return os.open(self._writer.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def available(self) -> int:
+        if self._failure is not None:
+            return 0
+        if self._complete:
+            return self._writer.size
+        return max(0, self._writer.size - 1)
+
+    def wait_for(self, offset: int) -> "Deferred[None]":
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._complete or self.available() > offset:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove((offset, d)))
+        self._waiters.append((offset, waiter))
+        return waiter
+
+    def begin(self, size: int | None) -> None:
+        """The upstream answered: readers may send headers now."""
+        self.size = size
+        self.started.fire(None)
+
+    def write(self, data: bytes) -> None:
+        """Store more bytes and wake the readers waiting for them."""
+        if self.size is not None and self._writer.size + len(data) > self.size:
+            raise SizeExceeded(f"upstream sent more than {self.size} bytes for {self.digest}")
+        self._writer.write(data)
+        available = self.available()
+        ready = [w for w in self._waiters if w[0] < available]
+        if ready:
+            self._waiters = [w for w in self._waiters if w[0] >= available]
+            for _, waiter in ready:
+                waiter.callback(None)
+
+    async def commit(self) -> int:
+        """Verify and store; readers may then send the last byte."""
+        if self.size is not None and self._writer.size != self.size:
+            raise OCIError(502, "UNAVAILABLE", f"upstream ended {self.digest} early")
+        await self._writer.commit()
+        self._complete = True
+        self.size = self._writer.size
+        self._wake(None)
+        return self.size
+
+    def fail(self, failure: Failure) -> None:
+        """Abandon the download; every reader and waiter gets the failure."""
+        self._writer.abort()
+        self._failure = failure
+        if not self.started.fired:
+            self.started.fire(failure)
+        self._wake(failure)
+
+    def _wake(self, result: None | Failure) -> None:
+        waiters, self._waiters = self._waiters, []
+        for _, waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+
+class Downloads:
+    """The blob downloads in progress, at most one per digest."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        upstream: Upstream,
+        prefetch_concurrency: int = 3,
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._upstream = upstream
+        self._running: dict[str, BlobDownload] = {}
+        self._tasks: dict[str, Deferred[None]] = {}
+        self._prefetch = DeferredSemaphore(prefetch_concurrency)
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def running(self, digest: str) -> BlobDownload | None:
+        """The download in progress for a digest, if any."""
+        return self._running.get(digest)
+
+    def fetch(self, registry: str, repository: str, digest: str) -> BlobDownload:
+        """Join the download of a blob, starting it if it is not running."""
+        download = self._running.get(digest)
+        if download is None:
+            download = BlobDownload(digest, self._store.begin(digest))
+            self._running[digest] = download
+            task = Deferred.fromCoroutine(self._run(download, registry, repository))
+            if digest in self._running:
+                self._tasks[digest] = task
+        return download
+
+    async def close(self) -> None:
+        """Abandon every download: their temporary files go, readers are cut off."""
+        self._closed = True
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    def prefetch(self, registry: str, repository: str, digests: list[str]) -> None:
+        """Fetch blobs in the background, a few at a time, so the image is complete offline."""
+        for digest in digests:
+            self._prefetch.run(self._prefetch_one, registry, repository, digest)
+
+    def _prefetch_one(self, registry: str, repository: str, digest: str) -> "Deferred[None]":
+        if self._closed or self._index.blob_size(digest) is not None:
+            return succeed(None)
+        download = self.fetch(registry, repository, digest)
+        waiting = download.finished.observe()
+        # A failed prefetch is logged by the download; the image is fetched on demand later.
+        waiting.addErrback(lambda failure: None)
+        return waiting
+
+    async def _run(self, download: BlobDownload, registry: str, repository: str) -> None:
+        digest = download.digest
+        result: None | Failure = None
+        try:
+            response = await self._upstream.open_blob(registry, repository, digest)
+            length = response.length
+            download.begin(length if isinstance(length, int) else None)
+            await treq.collect(response, download.write)
+            size = await download.commit()
+            self._index.record_blob(digest, size)
+            log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
+                     digest=digest, size=size, registry=registry, repository=repository)
+        except UpstreamNotFound:
+            result = Failure(blob_unknown(digest))
+        except CancelledError:
+            result = Failure(OCIError(503, "UNAVAILABLE", f"download of {digest} was abandoned"))
+        except DigestMismatch as e:
+            log.warn("Upstream {registry} sent wrong bytes for {digest} (they hash to {actual})",
+                     registry=registry, digest=digest, actual=e.actual)
+            result = Failure(OCIError(502, "DIGEST_INVALID", f"upstream sent content that does not match {digest}"))
+        except OCIError:
+            result = Failure()
+        except SizeExceeded as e:
+            result = Failure(OCIError(502, "UNAVAILABLE", str(e)))
+        except Exception as e:
+            log.failure("Download of {digest} from {registry} failed", digest=digest, registry=registry)
+            result = Failure(OCIError(502, "UNAVAILABLE", f"download of {digest} failed: {e}"))
+        del self._running[digest]
+        self._tasks.pop(digest, None)
+        if result is not None:
+            download.fail(result)
+        download.finished.fire(result)
+

@@ -1,0 +1,300 @@
+"""The Twisted Web resources of the pull API: /v2/ and everything below it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from ociregistry.cache import Cache
+from ociregistry.downloads import BlobSource
+from ociregistry.errors import OCIError, unsupported
+from ociregistry.grammar import Route, Upstream, check_digest, check_reference, parse_path, resolve_upstream
+
+log = Logger()
+
+_CHUNK = 256 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+_API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | OCIError:
+    """The byte range a Range header asks for, as (first, end exclusive).
+
+    None means "send the whole blob" (no header, or one we may ignore per
+    RFC 9110: malformed, several ranges); an OCIError means 416.
+    """
+    if header is None:
+        return None
+    match = _RANGE.match(header.strip().replace(" ", ""))
+    if match is None or match.group(0) == "bytes=-":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        suffix = int(last)
+        if suffix == 0:
+            return _unsatisfiable(size)
+        return max(0, size - suffix), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if last != "" and int(last) < start:
+        return _unsatisfiable(size)
+    if start >= size:
+        return _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> OCIError:
+    return OCIError(
+        416, "BLOB_UNKNOWN", "requested range not satisfiable", {"size": size},
+        headers={b"Content-Range": f"bytes */{size}".encode("ascii")},
+    )
+
+
+@implementer(IPushProducer)
+class BlobSender:
+    """Streams part of a blob to a client with backpressure, waiting for bytes in flight."""
+
+    def __init__(self, request: Request, source: BlobSource, start: int, end: int | None) -> None:
+        self._request = request
+        self._source = source
+        self._fd = source.open()
+        self._position = start
+        self._end = end
+        self._paused = False
+        self._stopped = False
+        self._waiting: Deferred[None] | None = None
+
+    def start(self) -> None:
+        """Begin sending; the sender finishes the request itself."""
+        self._request.registerProducer(self, True)
+        self._pump()
+
+    def _pump(self) -> None:
+        while not self._paused and not self._stopped:
+            limit = self._source.available()
+            if self._end is not None:
+                limit = min(limit, self._end)
+            if self._position >= limit:
+                if self._end is not None and self._position >= self._end:
+                    self._finish()
+                    return
+                if self._source.size is None and self._position >= limit and self._complete():
+                    self._finish()
+                    return
+                self._waiting = self._source.wait_for(self._position)
+                self._waiting.addCallbacks(self._more, self._failed)
+                return
+            data = os.pread(self._fd, min(_CHUNK, limit - self._position), self._position)
+            if not data:
+                self._failed(Failure(OSError(f"blob file of {self._source.digest} is shorter than recorded")))
+                return
+            self._position += len(data)
+            self._request.write(data)
+
+    def _complete(self) -> bool:
+        return self._source.size is not None and self._position >= self._source.size
+
+    def _more(self, _: None) -> None:
+        self._waiting = None
+        if self._source.size is not None and self._end is None:
+            self._end = self._source.size
+        if self._source.size is None and self._source.available() <= self._position:
+            # The download finished without a known length: what we have is everything.
+            self._end = self._position
+        self._pump()
+
+    def _failed(self, failure: Failure) -> None:
+        self._waiting = None
+        if failure.check(CancelledError):
+            return
+        log.warn("Aborting a response for {digest}: {why}", digest=self._source.digest, why=failure.getErrorMessage())
+        self._close()
+        # Abort rather than end cleanly: the client must not take a short or wrong body as whole.
+        transport = self._request.channel.transport if self._request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+
+    def _finish(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._stopped = True
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._waiting is None and not self._stopped:
+            self._pump()
+
+    def stopProducing(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+        self._close()
+
+
+class RegistryAPI(Resource):
+    """Everything under /v2: the pull endpoints, and OCI errors for the rest."""
+
+    isLeaf = True
+
+    def __init__(self, cache: Cache, default_ns: str) -> None:
+        super().__init__()
+        self._cache = cache
+        self._default_ns = default_ns
+
+    def render(self, request: IRequest) -> Any:
+        work = Deferred.fromCoroutine(self._respond(request))
+        work.addErrback(self._unexpected, request)
+        request.notifyFinish().addErrback(lambda _: work.cancel())
+        return NOT_DONE_YET
+
+    async def _respond(self, request: Any) -> None:
+        request.setHeader(*_API_VERSION)
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        if segments in ([], [""]):
+            if request.method not in (b"GET", b"HEAD"):
+                raise unsupported("the pull API has no such method here")
+            _send_bytes(request, b"{}", b"application/json")
+            return
+        try:
+            route = parse_path(segments)
+            if request.method not in (b"GET", b"HEAD"):
+                raise unsupported("this registry is a pull-only mirror: push and delete are not supported")
+            namespace = _first(request.args.get(b"ns")) or (request.getHeader(b"x-registry") or b"").decode("latin-1")
+            where = resolve_upstream(route.name, namespace.strip() or None, self._default_ns)
+            if namespace:
+                request.setHeader(b"OCI-Namespace", namespace.encode("latin-1"))
+            if route.kind == "manifests":
+                await self._manifest(request, route, where)
+            elif route.kind == "blobs":
+                await self._blob(request, route, where)
+            else:
+                await self._tags(request, route, where)
+        except OCIError as e:
+            _send_error(request, e)
+
+    async def _manifest(self, request: Any, route: Route, where: Upstream) -> None:
+        check_reference(route.reference)
+        record, content = await self._cache.manifest(where, route.reference)
+        request.setHeader(b"Docker-Content-Digest", record.digest.encode("ascii"))
+        request.setHeader(b"ETag", f'"{record.digest}"'.encode("ascii"))
+        _send_bytes(request, content, record.media_type.encode("ascii"))
+
+    async def _blob(self, request: Any, route: Route, where: Upstream) -> None:
+        digest = check_digest(route.reference)
+        request.setHeader(b"Docker-Content-Digest", digest.encode("ascii"))
+        request.setHeader(b"ETag", f'"{digest}"'.encode("ascii"))
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        if request.method == b"HEAD":
+            size = await self._cache.blob_size(where, digest)
+            if size is not None:
+                request.setHeader(b"Content-Length", str(size).encode("ascii"))
+            request.finish()
+            return
+        source = await self._cache.blob(where, digest)
+        size = source.size
+        header = request.getHeader(b"range")
+        wanted = parse_range(header.decode("latin-1"), size) if header and size is not None else None
+        if isinstance(wanted, OCIError):
+            raise wanted
+        if wanted is None:
+            start, end = 0, size
+            if size is not None:
+                request.setHeader(b"Content-Length", str(size).encode("ascii"))
+        else:
+            start, end = wanted
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode("ascii"))
+            request.setHeader(b"Content-Length", str(end - start).encode("ascii"))
+        BlobSender(request, source, start, end).start()
+
+    async def _tags(self, request: Any, route: Route, where: Upstream) -> None:
+        query = {}
+        for key in ("n", "last"):
+            value = _first(request.args.get(key.encode("ascii")))
+            if value:
+                query[key] = value
+        if "n" in query and not query["n"].isdigit():
+            raise OCIError(400, "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer")
+        tags, more = await self._cache.tags(where, query)
+        if more and tags:
+            following = {"n": query["n"], "last": tags[-1]} if "n" in query else {"last": tags[-1]}
+            ns = _first(request.args.get(b"ns"))
+            if ns:
+                following["ns"] = ns
+            link = f'</v2/{route.name}/tags/list?{urlencode(following)}>; rel="next"'
+            request.setHeader(b"Link", link.encode("utf-8"))
+        body = json.dumps({"name": route.name, "tags": tags}).encode("utf-8")
+        _send_bytes(request, body, b"application/json")
+
+    def _unexpected(self, failure: Failure, request: Any) -> None:
+        if failure.check(CancelledError):
+            return
+        log.failure("Unexpected error answering {path}", failure, path=request.uri)
+        if not request.startedWriting and not request.finished:
+            _send_error(request, OCIError(500, "UNKNOWN", "internal error; see the server log"))
+
+
+def _first(values: list[bytes] | None) -> str | None:
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _send_bytes(request: Any, body: bytes, content_type: bytes) -> None:
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def _send_error(request: Any, error: OCIError) -> None:
+    request.setResponseCode(error.status)
+    for name in (b"Docker-Content-Digest", b"ETag", b"Accept-Ranges"):
+        request.responseHeaders.removeHeader(name)
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    _send_bytes(request, error.body(), b"application/json")
+
+
+class Root(Resource):
+    """The site root: /v2 and nothing else."""
+
+    def __init__(self, api: RegistryAPI) -> None:
+        super().__init__()
+        self.putChild(b"v2", api)
+
+    def getChild(self, path: bytes, request: IRequest) -> Resource:
+        return _NotFound()
+
+    def render(self, request: IRequest) -> bytes:
+        return _NotFound().render(request)
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        error = OCIError(404, "UNSUPPORTED", "not part of the registry API")
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"application/json")
+        return error.body()

@@ -1,0 +1,180 @@
+"""Fakes for unit tests: an upstream registry written as a Twisted resource."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def digest_of(content: bytes) -> str:
+    """The sha256 digest of some bytes."""
+    return "sha256:" + hashlib.sha256(content).hexdigest()
+
+
+@dataclass
+class Image:
+    """A small single-platform OCI image: manifest, config and layers."""
+
+    manifest: bytes
+    digest: str
+    config: bytes
+    layers: list[bytes]
+
+    @property
+    def blobs(self) -> dict[str, bytes]:
+        """Every blob of the image by digest."""
+        return {digest_of(b): b for b in [self.config, *self.layers]}
+
+
+def make_image(*layers: bytes, config: bytes = b'{"architecture":"amd64","os":"linux"}') -> Image:
+    """Build an OCI image manifest around the given layer contents."""
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest_of(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest_of(layer), "size": len(layer)} for layer in layers],
+    }).encode()
+    return Image(manifest, digest_of(manifest), config, list(layers))
+
+
+def make_index(*images: Image) -> bytes:
+    """An OCI index of the given images, one platform each."""
+    return json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest),
+                       "platform": {"os": "linux", "architecture": arch}}
+                      for image, arch in zip(images, ["amd64", "arm64", "ppc64le", "s390x"])],
+    }).encode()
+
+
+@dataclass
+class Behaviour:
+    """How the fake answers a blob: which bytes, how fast, and what goes wrong."""
+
+    chunk: int = 64 * 1024
+    delay: float = 0.0
+    wrong_bytes: bool = False
+    drop_after: int | None = None
+    status: int = 200
+
+
+@dataclass
+class FakeRegistry(Resource):
+    """A registry serving manifests and blobs from memory, recording every request."""
+
+    isLeaf = True
+    manifests: dict[tuple[str, str], tuple[str, bytes]] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    behaviour: dict[str, Behaviour] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    manifest_status: int = 200
+
+    def __post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def add_image(self, repository: str, tag: str, image: Image) -> None:
+        """Serve an image under a tag and its digest."""
+        for ref in (tag, image.digest):
+            self.manifests[(repository, ref)] = (OCI_MANIFEST, image.manifest)
+        self.blobs.update(image.blobs)
+
+    def add_manifest(self, repository: str, ref: str, media_type: str, content: bytes) -> None:
+        """Serve raw manifest bytes under a reference and their digest."""
+        for key in (ref, digest_of(content)):
+            self.manifests[(repository, key)] = (media_type, content)
+
+    def count(self, method: str, fragment: str) -> int:
+        """How many requests of a method had a path containing ``fragment``."""
+        return sum(1 for m, path in self.requests if m == method and fragment in path)
+
+    def render(self, request: Any) -> Any:
+        path = request.path.decode()
+        self.requests.append((request.method.decode(), path))
+        request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        if path in ("/v2/", "/v2"):
+            return b"{}"
+        parts = path[len("/v2/"):].split("/")
+        repository, kind, ref = "/".join(parts[:-2]), parts[-2], parts[-1]
+        if kind == "manifests":
+            return self._manifest(request, repository, ref)
+        if kind == "blobs":
+            return self._blob(request, ref)
+        if parts[-2:] == ["tags", "list"]:
+            repository = "/".join(parts[:-2])
+            tags = sorted({r for (repo, r) in self.manifests if repo == repository and ":" not in r})
+            if not tags:
+                request.setResponseCode(404)
+                return b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}'
+            return json.dumps({"name": repository, "tags": tags}).encode()
+        request.setResponseCode(404)
+        return b""
+
+    def _manifest(self, request: Any, repository: str, ref: str) -> bytes:
+        if self.manifest_status != 200:
+            request.setResponseCode(self.manifest_status)
+            return b'{"errors":[{"code":"UNKNOWN","message":"fault"}]}'
+        found = self.manifests.get((repository, ref))
+        if found is None:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}'
+        media_type, content = found
+        request.setHeader(b"Content-Type", media_type.encode())
+        request.setHeader(b"Docker-Content-Digest", digest_of(content).encode())
+        return content
+
+    def _blob(self, request: Any, digest: str) -> Any:
+        content = self.blobs.get(digest)
+        behaviour = self.behaviour.get(digest, Behaviour())
+        if content is None or behaviour.status != 200:
+            request.setResponseCode(404 if content is None else behaviour.status)
+            return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}'
+        if behaviour.wrong_bytes:
+            content = bytes(255 - b for b in content[:1]) + content[1:]
+        request.setHeader(b"Content-Length", str(len(content)).encode())
+        request.setHeader(b"Docker-Content-Digest", digest.encode())
+        if request.method == b"HEAD":
+            return b""
+        self._stream(request, content, 0, behaviour)
+        return NOT_DONE_YET
+
+    def _stream(self, request: Any, content: bytes, offset: int, behaviour: Behaviour) -> None:
+        if request._disconnected:
+            return
+        if behaviour.drop_after is not None and offset >= behaviour.drop_after:
+            request.channel.transport.abortConnection()
+            return
+        if offset >= len(content):
+            request.finish()
+            return
+        end = offset + behaviour.chunk
+        if behaviour.drop_after is not None:
+            end = min(end, behaviour.drop_after)
+        request.write(content[offset:end])
+        reactor.callLater(behaviour.delay, self._stream, request, content, end, behaviour)
+
+
+async def listen(resource: Resource) -> tuple[int, Any]:
+    """Serve a resource on 127.0.0.1 at a free port: (port, listening port to stop)."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+    return port.getHost().port, port
+
+
+def wait(seconds: float) -> Deferred[None]:
+    """A Deferred that fires after some time on the real reactor."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
