@@ -25,7 +25,7 @@ from ociregistry.grammar import canonical_registry
 from ociregistry.index import Index
 from ociregistry.store import BlobStore
 from ociregistry.upstream import Upstream
-from ociregistry.web import RegistryAPI, Root
+from ociregistry.web import RegistryAPI, Root, plain_http
 
 log = Logger()
 
@@ -189,7 +189,8 @@ def makeService(options: Options) -> IService:
     CacheService(cache).setServiceParent(service)
     TimerService(_PULL_FLUSH_SECONDS, _flush_pulls, index).setServiceParent(service)
     for description in config.listen:
-        StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(service)
+        factory = site if description.startswith("ssl:") else plain_http(site)
+        StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(service)
     log.info(
         "ociregistry {version} serving {image_path} on {listen} (default upstream {default_ns}; "
         "{swept} unfinished downloads swept)",

@@ -13,7 +13,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
@@ -274,6 +275,32 @@ def _send_error(request: Any, error: OCIError) -> None:
     for name, value in error.headers.items():
         request.setHeader(name, value)
     _send_bytes(request, error.body(), b"application/json")
+
+
+class _RefuseTLS(ProtocolWrapper):
+    """Close at once when a TLS handshake arrives on a plain HTTP port.
+
+    Clients such as skopeo and podman with TLS verification off try HTTPS
+    first; without this they wait ten seconds for a handshake that never
+    comes before falling back to HTTP.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16":
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+def plain_http(site: Site) -> WrappingFactory:
+    """Wrap a site for a plain HTTP listener."""
+    factory = WrappingFactory(site)
+    factory.protocol = _RefuseTLS
+    return factory
 
 
 class Root(Resource):

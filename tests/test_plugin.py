@@ -8,6 +8,8 @@ import sys
 
 from twisted.trial.unittest import TestCase
 
+from tests.realparts import twistd_command
+
 
 class PluginTests(TestCase):
     """Packaging silently drops plugin files; these tests notice."""
@@ -33,11 +35,11 @@ class PluginTests(TestCase):
 
     def test_twistd_help_lists_plugin(self) -> None:
         """twistd --help lists the plugin."""
-        result = self.run_outside_tree("-m", "twisted", "--help")
+        result = self.run_outside_tree(*twistd_command("--help")[1:])
         self.assertIn("ociregistry", result.stdout)
 
     def test_bad_option_is_usage_error(self) -> None:
         """A bad option value exits non-zero naming the problem."""
-        result = self.run_outside_tree("-m", "twisted", "-n", "ociregistry", "--port", "notaport")
+        result = self.run_outside_tree(*twistd_command("ociregistry", "--port", "notaport")[1:])
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("--port", result.stdout + result.stderr)
