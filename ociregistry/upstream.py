@@ -382,6 +382,8 @@ class Upstream:
             return await work
         except (OCIError, CancelledError):
             raise
+        except neterror.ConnectingCancelledError:
+            raise CancelledError()
         except TimeoutError:
             raise OCIError(504, "UNAVAILABLE", f"upstream {registry} did not answer in time")
         except (neterror.ConnectError, neterror.DNSLookupError, neterror.ConnectionLost,
