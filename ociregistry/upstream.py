@@ -242,8 +242,9 @@ class Upstream:
         response = await self.request("HEAD", registry, repository, f"/v2/{repository}/blobs/{digest}")
         await self._check(response, registry)
         await discard(response)
-        length = response.length
-        return length if isinstance(length, int) else None
+        # A HEAD response has no body, so the client reports length 0: read the header.
+        length = _header(response, b"content-length")
+        return int(length) if length and length.isdigit() else None
 
     async def open_blob(self, registry: str, repository: str, digest: str) -> IResponse:
         """GET a blob and return the response whose body is still to be read."""

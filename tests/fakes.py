@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import reactor
@@ -72,19 +73,28 @@ class Behaviour:
     status: int = 200
 
 
-@dataclass
 class FakeRegistry(Resource):
-    """A registry serving manifests and blobs from memory, recording every request."""
+    """A registry serving manifests and blobs from memory, recording every request.
+
+    ``auth`` may be ``("basic", user, password)`` or ``("bearer", realm_url)``;
+    ``redirect_blobs`` sends blob GETs to another base URL, as registries do
+    with their storage.
+    """
 
     isLeaf = True
-    manifests: dict[tuple[str, str], tuple[str, bytes]] = field(default_factory=dict)
-    blobs: dict[str, bytes] = field(default_factory=dict)
-    behaviour: dict[str, Behaviour] = field(default_factory=dict)
-    requests: list[tuple[str, str]] = field(default_factory=list)
-    manifest_status: int = 200
 
-    def __post_init__(self) -> None:
-        Resource.__init__(self)
+    def __init__(self) -> None:
+        super().__init__()
+        self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.behaviour: dict[str, Behaviour] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.authorizations: list[str | None] = []
+        self.manifest_status = 200
+        self.manifest_digest_header: str | None = None
+        self.auth: tuple[str, ...] | None = None
+        self.valid_tokens: set[str] = set()
+        self.redirect_blobs: str | None = None
 
     def add_image(self, repository: str, tag: str, image: Image) -> None:
         """Serve an image under a tag and its digest."""
@@ -101,10 +111,30 @@ class FakeRegistry(Resource):
         """How many requests of a method had a path containing ``fragment``."""
         return sum(1 for m, path in self.requests if m == method and fragment in path)
 
+    def _authorized(self, request: Any) -> bool:
+        header = request.getHeader(b"authorization")
+        self.authorizations.append(header.decode() if header else None)
+        if self.auth is None:
+            return True
+        if self.auth[0] == "basic":
+            expected = "Basic " + base64.b64encode(f"{self.auth[1]}:{self.auth[2]}".encode()).decode()
+            if header and header.decode() == expected:
+                return True
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="fake"')
+        else:
+            if header and header.decode().removeprefix("Bearer ") in self.valid_tokens:
+                return True
+            request.setHeader(b"WWW-Authenticate",
+                              f'Bearer realm="{self.auth[1]}",service="fake"'.encode())
+        request.setResponseCode(401)
+        return False
+
     def render(self, request: Any) -> Any:
         path = request.path.decode()
         self.requests.append((request.method.decode(), path))
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        if not self._authorized(request):
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}'
         if path in ("/v2/", "/v2"):
             return b"{}"
         parts = path[len("/v2/"):].split("/")
@@ -133,7 +163,7 @@ class FakeRegistry(Resource):
             return b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}'
         media_type, content = found
         request.setHeader(b"Content-Type", media_type.encode())
-        request.setHeader(b"Docker-Content-Digest", digest_of(content).encode())
+        request.setHeader(b"Docker-Content-Digest", (self.manifest_digest_header or digest_of(content)).encode())
         return content
 
     def _blob(self, request: Any, digest: str) -> Any:
@@ -142,6 +172,9 @@ class FakeRegistry(Resource):
         if content is None or behaviour.status != 200:
             request.setResponseCode(404 if content is None else behaviour.status)
             return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}'
+        if self.redirect_blobs and request.method == b"GET":
+            request.redirect(f"{self.redirect_blobs}/v2/storage/blobs/{digest}".encode())
+            return b""
         if behaviour.wrong_bytes:
             content = bytes(255 - b for b in content[:1]) + content[1:]
         request.setHeader(b"Content-Length", str(len(content)).encode())
@@ -164,6 +197,9 @@ class FakeRegistry(Resource):
         if behaviour.drop_after is not None:
             end = min(end, behaviour.drop_after)
         request.write(content[offset:end])
+        if end >= len(content) and behaviour.drop_after is None:
+            request.finish()
+            return
         reactor.callLater(behaviour.delay, self._stream, request, content, end, behaviour)
 
 
@@ -178,3 +214,23 @@ def wait(seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+class TokenRealm(Resource):
+    """A token endpoint: hands out numbered tokens and remembers them in the registry."""
+
+    isLeaf = True
+
+    def __init__(self, registry: FakeRegistry, expires_in: int = 300) -> None:
+        super().__init__()
+        self.registry = registry
+        self.expires_in = expires_in
+        self.requests: list[tuple[str, str | None]] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        scope = request.args.get(b"scope", [b""])[0].decode()
+        header = request.getHeader(b"authorization")
+        self.requests.append((scope, header.decode() if header else None))
+        token = f"token-{len(self.requests)}"
+        self.registry.valid_tokens.add(token)
+        return json.dumps({"token": token, "expires_in": self.expires_in}).encode()

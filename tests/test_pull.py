@@ -12,17 +12,18 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from ociregistry.config import RegistrySettings
 from ociregistry.tap import ServerConfig, make_site, open_cache
-from tests.fakes import OCI_INDEX, Behaviour, FakeRegistry, digest_of, listen, make_image, make_index, wait
+from tests.fakes import OCI_INDEX, Behaviour, FakeRegistry, TokenRealm, digest_of, listen, make_image, make_index, wait
 
 
-class PullTests(TestCase):
+class ServerTestCase(TestCase):
     """A real reactor, our site on a loopback port, a fake upstream on another."""
 
-    async def start(self, **config: Any) -> None:
+    async def start(self, registry: dict[str, Any] | None = None, **config: Any) -> None:
         self.upstream = FakeRegistry()
         upstream_port, listening = await listen(self.upstream)
         self.addCleanup(listening.stopListening)
@@ -32,7 +33,7 @@ class PullTests(TestCase):
             image_path=self.image_path,
             listen=(),
             default_ns=self.registry,
-            registries=(RegistrySettings(name=self.registry, scheme="http"),),
+            registries=(RegistrySettings(name=self.registry, scheme="http", **(registry or {})),),
             pull_timeout=5.0,
             max_manifest_size=8 * 1024 * 1024,
         )
@@ -50,6 +51,11 @@ class PullTests(TestCase):
     async def get(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[Any, bytes]:
         response = await self.client.request(method, self.base + path, **kwargs)
         return response, await response.content()
+
+
+
+class PullTests(ServerTestCase):
+    """Pulls of manifests and blobs, cached and coalesced."""
 
     def test_base(self) -> Deferred[None]:
         """GET /v2/ answers 200 with the API version header."""
@@ -146,12 +152,12 @@ class PullTests(TestCase):
                 await treq.collect(response, collect)
                 return b"".join(chunks)
 
-            results = await DeferredList([Deferred.fromCoroutine(pull()) for _ in range(10)])
+            results = await DeferredList([Deferred.fromCoroutine(pull()) for _ in range(20)])
             for ok, body in results:
                 self.assertTrue(ok)
                 self.assertEqual(hashlib.sha256(body).hexdigest(), digest.split(":")[1])
             self.assertEqual(self.upstream.count("GET", digest), 1)
-            self.assertEqual(first_bytes, [True] * 10)
+            self.assertEqual(first_bytes, [True] * 20)
         return Deferred.fromCoroutine(run())
 
     def test_wrong_bytes_not_cached(self) -> Deferred[None]:
@@ -197,3 +203,208 @@ class PullTests(TestCase):
                 if expected is not None:
                     self.assertEqual(body, expected, header)
         return Deferred.fromCoroutine(run())
+
+
+class MoreTests(ServerTestCase):
+    """Errors, headers, in-flight ranges, upstream selection and authentication."""
+
+    async def test_unsupported_methods(self) -> None:
+        """Push, delete and unknown endpoints are JSON errors; HEAD errors have no body."""
+        await self.start()
+        for method, path in [("PUT", "/v2/app/manifests/v1"), ("DELETE", "/v2/app/blobs/sha256:" + "a" * 64),
+                             ("POST", "/v2/app/blobs/uploads/"), ("PATCH", "/v2/app/blobs/uploads/x")]:
+            response, body = await self.get(path, method=method)
+            self.assertIn(response.code, (404, 405), path)
+            self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
+        response, body = await self.get("/v2/_catalog")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "UNSUPPORTED")
+        response, body = await self.get("/v2/nothing/manifests/latest", method="HEAD")
+        self.assertEqual((response.code, body), (404, b""))
+        response, body = await self.get("/elsewhere")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+
+    async def test_invalid_input_stays_inside(self) -> None:
+        """Traversal attempts and malformed names or digests are 4xx and touch nothing outside the cache."""
+        await self.start()
+        outside = os.path.dirname(os.path.abspath(self.image_path))
+        before = sorted(os.listdir(outside))
+        paths = [
+            "/v2/../../etc/passwd/manifests/latest",
+            "/v2/app/blobs/sha256:..%2F..%2F..%2Fetc%2Fpasswd",
+            "/v2/a%2F..%2F..%2Fb/manifests/latest",
+            "/v2/app/manifests/..%2F..%2Findex.db",
+            "/v2/app/blobs/sha256:baddigest",
+            "/v2/app/blobs/md5:" + "a" * 32,
+            "/v2/UPPER/manifests/latest",
+            "/v2/app/manifests/.INVALID_MANIFEST_NAME",
+            "/v2/app/manifests/latest?ns=..%2F..",
+            "/v2/app/manifests/latest?ns=a%2Fb",
+        ]
+        for path in paths:
+            response, body = await self.get(path)
+            self.assertIn(response.code, (400, 404), path)
+            self.assertIn(json.loads(body)["errors"][0]["code"],
+                          ("NAME_INVALID", "DIGEST_INVALID", "MANIFEST_UNKNOWN", "UNSUPPORTED"), path)
+        self.assertEqual(sorted(os.listdir(outside)), before)
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_upstream_unreachable(self) -> None:
+        """An upstream that refuses connections is a 502 JSON error, not an empty 500."""
+        await self.start()
+        response, body = await self.get("/v2/app/manifests/latest?ns=127.0.0.1:1")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "UNAVAILABLE")
+        self.assertIn("127.0.0.1:1", json.loads(body)["errors"][0]["message"])
+        self.flushLoggedErrors()
+
+    async def test_namespace_sources(self) -> None:
+        """The ns query, the X-Registry header and the default namespace all reach the upstream."""
+        await self.start(default_ns="docker.io")
+        image = make_image(b"ns")
+        self.upstream.add_image("team/app", "1", image)
+        response, _ = await self.get(f"/v2/team/app/manifests/1?ns={self.registry}")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("oci-namespace"), [self.registry])
+        response, _ = await self.get("/v2/team/app/manifests/1", headers={"X-Registry": self.registry})
+        self.assertEqual(response.code, 200)
+        response, body = await self.get(f"/v2/team/app/manifests/{image.digest}")
+        self.assertEqual((response.code, body), (200, image.manifest))
+
+    async def test_head_uncached_blob_does_not_download(self) -> None:
+        """HEAD of an uncached blob is answered from an upstream HEAD, without a GET."""
+        await self.start()
+        content = os.urandom(5000)
+        digest = digest_of(content)
+        self.upstream.blobs[digest] = content
+        response, body = await self.get(f"/v2/app/blobs/{digest}", method="HEAD")
+        self.assertEqual((response.code, body), (200, b""))
+        self.assertEqual(response.headers.getRawHeaders("content-length"), ["5000"])
+        self.assertEqual(response.headers.getRawHeaders("docker-content-digest"), [digest])
+        self.assertEqual((self.upstream.count("HEAD", digest), self.upstream.count("GET", digest)), (1, 0))
+
+    async def test_range_while_downloading(self) -> None:
+        """A range of a blob in flight is answered as soon as those bytes exist."""
+        await self.start()
+        content = os.urandom(4 * 1024 * 1024)
+        digest = digest_of(content)
+        self.upstream.blobs[digest] = content
+        self.upstream.behaviour[digest] = Behaviour(chunk=64 * 1024, delay=0.03)
+        whole = Deferred.fromCoroutine(self.get(f"/v2/app/blobs/{digest}"))
+        await wait(0.1)
+        response, body = await self.get(f"/v2/app/blobs/{digest}", headers={"Range": "bytes=100-199"})
+        self.assertIsNotNone(self.cache._downloads.running(digest))
+        self.assertEqual((response.code, body), (206, content[100:200]))
+        response, body = await whole
+        self.assertEqual(body, content)
+
+    async def test_disconnect_does_not_cancel(self) -> None:
+        """A client that goes away mid-download does not stop the download for the cache."""
+        await self.start()
+        content = os.urandom(1024 * 1024)
+        digest = digest_of(content)
+        self.upstream.blobs[digest] = content
+        self.upstream.behaviour[digest] = Behaviour(chunk=32 * 1024, delay=0.01)
+        request = self.client.get(f"{self.base}/v2/app/blobs/{digest}", unbuffered=True)
+        response = await request
+        response.original.deliverBody(_Hangup())
+        for _ in range(100):
+            if self.index.blob_size(digest) is not None:
+                break
+            await wait(0.05)
+        self.assertEqual(self.index.blob_size(digest), len(content))
+        self.assertEqual(self.upstream.count("GET", digest), 1)
+
+    async def test_tags(self) -> None:
+        """Tags come from upstream when it answers, and from the index when it does not."""
+        await self.start()
+        for tag in ("b", "a", "C"):
+            self.upstream.add_image("app", tag, make_image(tag.encode()))
+        response, body = await self.get("/v2/app/tags/list")
+        self.assertEqual(json.loads(body), {"name": "app", "tags": ["C", "a", "b"]})
+        await self.get("/v2/app/manifests/a")
+        await self.get("/v2/app/manifests/C")
+        self.upstream.manifest_status = 500
+        self.upstream.manifests.clear()
+        self.upstream.blobs.clear()
+        self.upstream.behaviour.clear()
+        self.upstream.render = lambda request: (request.setResponseCode(503), b"")[1]  # type: ignore[method-assign]
+        response, body = await self.get("/v2/app/tags/list?n=1")
+        self.assertEqual(json.loads(body), {"name": "app", "tags": ["C"]})
+        self.assertEqual(response.headers.getRawHeaders("link"), ['</v2/app/tags/list?n=1&last=C>; rel="next"'])
+        response, body = await self.get("/v2/app/tags/list?n=1&last=C")
+        self.assertEqual(json.loads(body)["tags"], ["a"])
+
+    async def test_large_manifest(self) -> None:
+        """Manifests up to the limit (over 4 MiB) are cached; larger ones are a clean error."""
+        await self.start()
+        big = make_index(*[make_image(str(i).encode()) for i in range(2)])
+        document = json.loads(big)
+        document["annotations"] = {"padding": "x" * (5 * 1024 * 1024)}
+        big = json.dumps(document).encode()
+        self.upstream.add_manifest("app", "big", OCI_INDEX, big)
+        response, body = await self.get("/v2/app/manifests/big")
+        self.assertEqual((response.code, len(body)), (200, len(big)))
+        document["annotations"]["padding"] = "x" * (9 * 1024 * 1024)
+        self.upstream.add_manifest("app", "huge", OCI_INDEX, json.dumps(document).encode())
+        response, body = await self.get("/v2/app/manifests/huge")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "MANIFEST_INVALID")
+
+    async def test_manifest_digest_mismatch(self) -> None:
+        """An upstream Docker-Content-Digest that does not match the bytes caches nothing."""
+        await self.start()
+        image = make_image(b"m")
+        self.upstream.add_image("app", "v1", image)
+        self.upstream.manifest_digest_header = "sha256:" + "0" * 64
+        response, body = await self.get("/v2/app/manifests/v1")
+        self.assertEqual(response.code, 502)
+        self.assertIsNone(self.index.manifest(image.digest))
+        self.upstream.manifest_digest_header = None
+        response, body = await self.get("/v2/app/manifests/v1")
+        self.assertEqual((response.code, body), (200, image.manifest))
+
+    async def test_basic_auth_and_redirect(self) -> None:
+        """Basic credentials go to the upstream after its challenge, never to the host it redirects to."""
+        await self.start(registry={"user": "u", "password": "p"})
+        storage = FakeRegistry()
+        storage_port, listening = await listen(storage)
+        self.addCleanup(listening.stopListening)
+        self.upstream.auth = ("basic", "u", "p")
+        self.upstream.redirect_blobs = f"http://localhost:{storage_port}"
+        content = os.urandom(1000)
+        digest = digest_of(content)
+        self.upstream.blobs[digest] = content
+        storage.blobs[digest] = content
+        response, body = await self.get(f"/v2/app/blobs/{digest}")
+        self.assertEqual((response.code, body), (200, content))
+        self.assertTrue(self.upstream.authorizations[-1].startswith("Basic "))
+        self.assertEqual(storage.authorizations, [None])
+
+    async def test_bearer_tokens_cached_and_refreshed(self) -> None:
+        """A bearer challenge fetches a token per scope with credentials, reuses it, and renews it after expiry."""
+        await self.start(registry={"user": "u", "password": "p"})
+        realm = TokenRealm(self.upstream, expires_in=1)
+        realm_port, listening = await listen(realm)
+        self.addCleanup(listening.stopListening)
+        self.upstream.auth = ("bearer", f"http://127.0.0.1:{realm_port}/token")
+        for tag in ("1", "2"):
+            self.upstream.add_image("team/app", tag, make_image(tag.encode()))
+        await self.get("/v2/team/app/manifests/1")
+        await self.get("/v2/team/app/manifests/2")
+        self.assertEqual([scope for scope, _ in realm.requests], ["repository:team/app:pull"])
+        self.assertTrue(realm.requests[0][1].startswith("Basic "))
+        await wait(1.1)
+        self.upstream.valid_tokens.clear()
+        response, _ = await self.get("/v2/team/app/tags/list")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(realm.requests), 2)
+        self.assertNotIn(None, self.upstream.authorizations[-1:])
+
+
+class _Hangup(Protocol):
+    """Reads the first bytes of a body, then closes the connection."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.stopProducing()
