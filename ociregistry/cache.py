@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ociregistry.downloads import BlobSource, Downloads, StoredBlob
 from ociregistry.errors import OCIError, blob_unknown, manifest_unknown, name_unknown
 from ociregistry.grammar import Upstream as Where
-from ociregistry.grammar import is_digest
+from ociregistry.grammar import check_digest, is_digest
 from ociregistry.index import Index, ManifestRecord
 from ociregistry.inflight import InFlight
 from ociregistry.manifests import IMAGE_TYPES, describe
@@ -26,16 +28,41 @@ log = Logger()
 Manifest = tuple[ManifestRecord, bytes]
 
 
+@dataclass(frozen=True)
+class Freshness:
+    """How the cache treats tags and upstreams."""
+
+    tag_ttl: float = 300.0
+    always_pull_latest: bool = False
+    air_gapped: bool = False
+
+
+def air_gapped_error(what: OCIError) -> OCIError:
+    """A not-found error that says why nothing was fetched."""
+    return OCIError(what.status, what.code, f"{what.message} (not cached, and this server is air-gapped)", what.detail)
+
+
 class Cache:
     """Everything a pull needs, from disk when cached and from upstream when not."""
 
-    def __init__(self, index: Index, store: BlobStore, upstream: Upstream, downloads: Downloads) -> None:
+    def __init__(
+        self,
+        index: Index,
+        store: BlobStore,
+        upstream: Upstream,
+        downloads: Downloads,
+        clock: IReactorTime,
+        freshness: Freshness = Freshness(),
+    ) -> None:
         self._index = index
         self._store = store
         self._upstream = upstream
         self._downloads = downloads
+        self._clock = clock
+        self._freshness = freshness
         self._manifest_fetches: InFlight[tuple[str, str, str], Manifest] = InFlight()
         self._blob_heads: InFlight[str, int | None] = InFlight()
+        self._stale: set[tuple[str, str, str]] = set()
 
     async def close(self) -> None:
         """Abandon downloads, close upstream connections, record pull times and close the index."""
@@ -44,19 +71,70 @@ class Cache:
         self._index.close()
 
     async def manifest(self, where: Where, reference: str) -> Manifest:
-        """A manifest by tag or digest, fetched and stored on a miss."""
-        cached = self._cached_manifest(where, reference)
-        if cached is None:
-            key = (where.registry, where.repository, reference)
-            cached = await self._manifest_fetches.run(key, lambda: self._fetch_manifest(where, reference))
-        self._index.record_pull(cached[0].digest)
-        return cached
-
-    def _cached_manifest(self, where: Where, reference: str) -> Manifest | None:
+        """A manifest by tag or digest, fetched and stored on a miss, revalidated when stale."""
         if is_digest(reference):
-            record = self._index.manifest(reference)
+            found = self._cached_manifest(self._index.manifest(reference))
+            if found is None:
+                found = await self._fetch(where, reference)
         else:
-            record = self._index.manifest_for_tag(where.registry, where.repository, reference)
+            found = await self._tagged(where, reference)
+        self._index.record_pull(found[0].digest)
+        return found
+
+    async def _tagged(self, where: Where, tag: str) -> Manifest:
+        record = self._index.manifest_for_tag(where.registry, where.repository, tag)
+        cached = self._cached_manifest(record)
+        if cached is not None and (self._freshness.air_gapped or self._fresh(where, tag)):
+            return cached
+        if self._freshness.air_gapped:
+            raise air_gapped_error(manifest_unknown(tag))
+        key = (where.registry, where.repository, tag)
+        return await self._manifest_fetches.run(key, lambda: self._resolve_tag(where, tag, cached))
+
+    def _fresh(self, where: Where, tag: str) -> bool:
+        ttl = self._upstream.settings(where.registry).manifest_ttl
+        if ttl is None:
+            ttl = self._freshness.tag_ttl
+        if self._freshness.always_pull_latest and tag == "latest":
+            ttl = 0.0
+        confirmed = self._index.tag_confirmed(where.registry, where.repository, tag)
+        return confirmed is not None and self._clock.seconds() - confirmed < ttl
+
+    async def _resolve_tag(self, where: Where, tag: str, cached: Manifest | None) -> Manifest:
+        """Ask upstream with one HEAD where a tag points; fetch the manifest only if it is new.
+
+        When the upstream cannot answer, a cached tag is served as it is.
+        """
+        key = (where.registry, where.repository, tag)
+        try:
+            try:
+                digest = await self._upstream.manifest_digest(where.registry, where.repository, tag)
+            except UpstreamNotFound:
+                if cached is None:
+                    raise manifest_unknown(tag)
+                raise OCIError(404, "MANIFEST_UNKNOWN", "the upstream no longer has this tag")
+            if digest is None or not _verifiable(digest):
+                found = await self._fetch(where, tag, tag)
+            elif cached is not None and digest == cached[0].digest:
+                self._index.point_tag(where.registry, where.repository, tag, digest)
+                found = cached
+            else:
+                found = self._cached_manifest(self._index.manifest(digest)) or await self._fetch(where, digest, tag)
+                self._index.point_tag(where.registry, where.repository, tag, found[0].digest)
+                if cached is not None:
+                    log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
+        except OCIError as e:
+            if cached is None:
+                raise
+            if key not in self._stale:
+                self._stale.add(key)
+                log.warn("Serving cached {where}:{tag}: upstream could not confirm it ({why})",
+                         where=str(where), tag=tag, why=e.message)
+            return cached
+        self._stale.discard(key)
+        return found
+
+    def _cached_manifest(self, record: ManifestRecord | None) -> Manifest | None:
         if record is None:
             return None
         content = self._store.read(record.digest)
@@ -67,7 +145,15 @@ class Cache:
         log.debug("Serving manifest {digest} from cache", digest=record.digest)
         return record, content
 
-    async def _fetch_manifest(self, where: Where, reference: str) -> Manifest:
+    async def _fetch(self, where: Where, reference: str, tag: str | None = None) -> Manifest:
+        if self._freshness.air_gapped:
+            raise air_gapped_error(manifest_unknown(reference))
+        key = (where.registry, where.repository, reference)
+        if tag is not None and reference == tag:
+            return await self._fetch_manifest(where, reference, tag)
+        return await self._manifest_fetches.run(key, lambda: self._fetch_manifest(where, reference, tag))
+
+    async def _fetch_manifest(self, where: Where, reference: str, tag: str | None) -> Manifest:
         log.info("Pulling manifest {reference} from upstream {where}", reference=reference, where=str(where))
         try:
             content, content_type, header_digest = await self._upstream.fetch_manifest(
@@ -87,8 +173,7 @@ class Cache:
             writer.write(content)
             await writer.commit()
         record = self._index.record_manifest(
-            digest, media_type, len(content), where.registry, where.repository, references,
-            tag=None if is_digest(reference) else reference,
+            digest, media_type, len(content), where.registry, where.repository, references, tag=tag
         )
         if media_type in IMAGE_TYPES:
             self._downloads.prefetch(where.registry, where.repository, [r.child for r in references])
@@ -113,6 +198,8 @@ class Cache:
         stored = self._stored_blob(digest)
         if stored is not None:
             return stored
+        if self._freshness.air_gapped:
+            raise air_gapped_error(blob_unknown(digest))
         download = self._downloads.fetch(where.registry, where.repository, digest)
         await download.started.observe()
         return download
@@ -129,6 +216,8 @@ class Cache:
         manifest = self._index.manifest(digest)
         if manifest is not None:
             return manifest.size
+        if self._freshness.air_gapped:
+            raise air_gapped_error(blob_unknown(digest))
 
         async def head() -> int | None:
             try:
@@ -140,6 +229,11 @@ class Cache:
 
     async def tags(self, where: Where, query: dict[str, str]) -> tuple[list[str], bool]:
         """The tag list: from upstream when reachable, else the cached tags."""
+        if self._freshness.air_gapped:
+            tags = self._index.tags(where.registry, where.repository)
+            if not tags:
+                raise air_gapped_error(name_unknown(where.repository))
+            return _page(tags, query)
         try:
             return await self._upstream.list_tags(where.registry, where.repository, query)
         except UpstreamNotFound:
@@ -149,10 +243,23 @@ class Cache:
             if e.status < 500 and e.status != 429 or not tags:
                 raise
             log.info("Upstream {registry} unavailable; listing cached tags", registry=where.registry)
-        last = query.get("last")
-        if last:
-            tags = [tag for tag in tags if tag > last]
-        if "n" in query:
-            count = int(query["n"])
-            return tags[:count], len(tags) > count
-        return tags, False
+        return _page(tags, query)
+
+
+def _page(tags: list[str], query: dict[str, str]) -> tuple[list[str], bool]:
+    """One page of a sorted tag list, per the n and last parameters."""
+    last = query.get("last")
+    if last:
+        tags = [tag for tag in tags if tag > last]
+    if "n" in query:
+        count = int(query["n"])
+        return tags[:count], len(tags) > count
+    return tags, False
+
+
+def _verifiable(digest: str) -> bool:
+    try:
+        check_digest(digest)
+        return True
+    except OCIError:
+        return False

@@ -10,7 +10,6 @@ client never sees a clean end to bytes that turn out wrong.
 from __future__ import annotations
 
 import os
-import treq
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -203,7 +202,7 @@ class Downloads:
             response = await self._upstream.open_blob(registry, repository, digest)
             length = response.length
             download.begin(length if isinstance(length, int) else None)
-            await treq.collect(response, download.write)
+            await self._upstream.read_body(response, download.write, registry)
             size = await download.commit()
             self._index.record_blob(digest, size)
             log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",

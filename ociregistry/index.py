@@ -7,9 +7,12 @@ read it with ``sqlite3`` (see README).
 
 from __future__ import annotations
 
+import calendar
+import os
 import re
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -107,6 +110,23 @@ class Index:
         ).fetchone()
         return ManifestRecord(*row) if row else None
 
+    def tag_confirmed(self, registry: str, repository: str, tag: str) -> float | None:
+        """When a cached tag was last confirmed upstream (POSIX time), if it is cached."""
+        row = self._db.execute(
+            "SELECT updated FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
+            (registry, repository, tag),
+        ).fetchone()
+        return calendar.timegm(time.strptime(row[0], "%Y-%m-%dT%H:%M:%SZ")) if row else None
+
+    def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
+        """Point a tag at a cached manifest, confirmed now."""
+        self._db.execute(
+            "INSERT INTO tags (registry, repository, tag, digest, updated) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (registry, repository, tag)"
+            " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
+            (registry, repository, tag, digest, self._now()),
+        )
+
     def references(self, digest: str) -> list[Reference]:
         """What a cached manifest refers to."""
         rows = self._db.execute(
@@ -139,12 +159,7 @@ class Index:
                 [(digest, r.child, r.kind, r.media_type, r.size, r.platform) for r in references],
             )
             if tag is not None:
-                self._db.execute(
-                    "INSERT INTO tags (registry, repository, tag, digest, updated) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (registry, repository, tag)"
-                    " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
-                    (registry, repository, tag, digest, now),
-                )
+                self.point_tag(registry, repository, tag, digest)
         record = self.manifest(digest)
         assert record is not None
         return record
@@ -195,6 +210,139 @@ class Index:
     def _transaction(self) -> "_Transaction":
         return _Transaction(self._db)
 
+    @classmethod
+    def read_only(cls, path: str, clock: IReactorTime) -> "Index":
+        """Open an existing index for reading only, so that it works on a read-only image path."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no cache index at {path}")
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        index = cls.__new__(cls)
+        index._clock = clock
+        index._pulls = {}
+        index._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            (version,) = index._db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError:
+            # A WAL database in a directory we cannot write: nobody can be writing it either.
+            index._db.close()
+            index._db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            (version,) = index._db.execute("PRAGMA user_version").fetchone()
+        if version < migrations()[-1][0]:
+            index._db.close()
+            raise sqlite3.OperationalError(
+                f"{path} has schema version {version}; open it writable once to upgrade it")
+        return index
+
+    def cached_images(self, every_manifest: bool = False) -> list["CachedImage"]:
+        """Every image as users name it: each tag, and each top-level manifest cached only by digest.
+
+        With ``every_manifest``, the platform manifests of indexes are listed too.
+        Sizes count the cached manifests and blobs an image uses, each once.
+        """
+        manifests = {
+            row[0]: ManifestRecord(*row)
+            for row in self._db.execute(
+                "SELECT digest, media_type, size, registry, repository, created, pulled FROM manifests")
+        }
+        children: dict[str, list[tuple[str, str]]] = {}
+        parents: set[str] = set()
+        for manifest, child, kind in self._db.execute("SELECT manifest, child, kind FROM manifest_refs"):
+            children.setdefault(manifest, []).append((child, kind))
+            if kind == "manifest":
+                parents.add(child)
+        blobs = dict(self._db.execute("SELECT digest, size FROM blobs"))
+        tags: dict[str, list[tuple[str, str, str]]] = {}
+        for registry, repository, tag, digest in self._db.execute(
+                "SELECT registry, repository, tag, digest FROM tags"):
+            tags.setdefault(digest, []).append((registry, repository, tag))
+        images = []
+        for digest, record in manifests.items():
+            names: list[tuple[str, str, str | None]] = list(tags.get(digest, []))
+            if not names and (every_manifest or digest not in parents):
+                names.append((record.registry, record.repository, None))
+            if not names:
+                continue
+            closure = _closure(digest, manifests, children)
+            size = sum(manifests[d].size for d in closure if d in manifests)
+            size += sum(blobs[d] for d in closure if d in blobs and d not in manifests)
+            pulled = max(manifests[d].pulled for d in closure if d in manifests)
+            for registry, repository, tag in names:
+                images.append(CachedImage(registry, repository, tag, digest, record.media_type,
+                                          record.created, pulled, size))
+        return sorted(images, key=lambda image: image.reference)
+
+    def cache_size(self) -> int:
+        """Bytes of every cached manifest and of every blob a cached manifest uses."""
+        (size,) = self._db.execute(
+            "SELECT (SELECT coalesce(sum(size), 0) FROM manifests)"
+            " + (SELECT coalesce(sum(size), 0) FROM blob_refcounts"
+            "     WHERE refcount > 0 AND digest NOT IN (SELECT digest FROM manifests))"
+        ).fetchone()
+        return int(size)
+
+    def remove_images(self, images: Iterable["CachedImage"], fit: int | None = None,
+                      dry_run: bool = False) -> "Removal":
+        """Untag images and drop what nothing else uses, in one transaction; then unreferenced blobs.
+
+        With ``fit``, stops once the cache is no larger than that many bytes.  A
+        dry run works out exactly the same removal and rolls it back.
+        """
+        removed: list[CachedImage] = []
+        manifests: dict[str, int] = {}
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for image in images:
+                if fit is not None and self.cache_size() <= fit:
+                    break
+                if image.tag is not None:
+                    self._db.execute(
+                        "DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
+                        (image.registry, image.repository, image.tag))
+                self._drop_unused(image.digest, manifests)
+                removed.append(image)
+            blobs = dict(self._db.execute("SELECT digest, size FROM blobs_unreferenced"))
+            self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in blobs])
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("ROLLBACK" if dry_run else "COMMIT")
+        return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
+
+    def _drop_unused(self, digest: str, dropped: dict[str, int]) -> None:
+        """Delete a manifest no tag or cached index uses, then its platform manifests likewise."""
+        used = self._db.execute(
+            "SELECT 1 FROM tags WHERE digest = ?"
+            " UNION ALL SELECT 1 FROM manifest_refs WHERE child = ? AND kind = 'manifest' LIMIT 1",
+            (digest, digest)).fetchone()
+        record = self.manifest(digest)
+        if used or record is None:
+            return
+        platforms = [r.child for r in self.references(digest) if r.kind == "manifest"]
+        self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
+        dropped[digest] = record.size
+        for child in platforms:
+            self._drop_unused(child, dropped)
+
+    def blob_refcounts(self, substring: str = "") -> list[tuple[str, int, int]]:
+        """Cached blobs whose digest contains ``substring``: (digest, size, reference count)."""
+        rows = self._db.execute(
+            "SELECT digest, size, refcount FROM blob_refcounts WHERE instr(digest, ?) > 0 ORDER BY digest",
+            (substring,))
+        return [(digest, int(size), int(count)) for digest, size, count in rows]
+
+    def stored_objects(self) -> list[tuple[str, int, str]]:
+        """Every file the index vouches for: (digest, size, 'manifest' or 'blob')."""
+        rows = self._db.execute(
+            "SELECT digest, size, 'manifest' FROM manifests"
+            " UNION ALL SELECT digest, size, 'blob' FROM blobs ORDER BY 1")
+        return [(digest, int(size), kind) for digest, size, kind in rows]
+
+    def set_times(self, digest: str, created: str, pulled: str) -> None:
+        """Set when a manifest entered the cache and was last pulled (for imported caches)."""
+        self._db.execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
+                         (created, pulled, digest))
+
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
@@ -207,3 +355,51 @@ class _Transaction:
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """An image as users name it: a tag, or a manifest cached only by its digest."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str
+    media_type: str
+    created: str
+    pulled: str
+    size: int
+
+    @property
+    def reference(self) -> str:
+        """``registry/repository:tag``, or ``registry/repository@digest`` when untagged."""
+        where = f"{self.registry}/{self.repository}"
+        return f"{where}:{self.tag}" if self.tag is not None else f"{where}@{self.digest}"
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a prune took (or, dry, would take) out of the cache: images, then manifest and blob files."""
+
+    images: tuple[CachedImage, ...]
+    manifests: tuple[tuple[str, int], ...]
+    blobs: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> int:
+        """The bytes the removed files held."""
+        return sum(size for _, size in self.manifests + self.blobs)
+
+
+def _closure(digest: str, manifests: dict[str, ManifestRecord],
+             children: dict[str, list[tuple[str, str]]]) -> set[str]:
+    """A manifest and everything it refers to, through the platform manifests of an index."""
+    found = {digest}
+    pending = [digest]
+    while pending:
+        for child, kind in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                if kind == "manifest" and child in manifests:
+                    pending.append(child)
+    return found

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
+
+import yaml
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -17,8 +20,10 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from ociregistry import __version__
-from ociregistry.cache import Cache
-from ociregistry.config import ConfigError, FileSettings, RegistrySettings, load_config_file, parse_size
+from ociregistry.allowlist import Allowlist, resolver
+from ociregistry.cache import Cache, Freshness
+from ociregistry.config import ConfigError, FileSettings, RegistrySettings, load_config_file, parse_duration, parse_size
+from ociregistry.credentials import CREDENTIALS_VARIABLE, credentials_from_environment
 from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
@@ -42,6 +47,21 @@ class ServerConfig:
     registries: tuple[RegistrySettings, ...]
     pull_timeout: float
     max_manifest_size: int
+    connect_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    tag_ttl: float = 300.0
+    always_pull_latest: bool = False
+    air_gapped: bool = False
+    allow_upstreams: tuple[str, ...] = ()
+    allow_any_upstream: bool = False
+
+    def masked(self) -> dict[str, Any]:
+        """The configuration as plain data, secrets masked, for --print-config."""
+        shown = asdict(replace(self, registries=tuple(r.masked() for r in self.registries)))
+        shown["registries"] = [asdict(r.masked()) for r in self.registries]
+        shown["listen"] = list(self.listen)
+        shown["allow_upstreams"] = list(self.allow_upstreams)
+        return shown
 
 
 class Options(usage.Options):
@@ -51,7 +71,9 @@ class Options(usage.Options):
     longdesc = (
         "A pull-only, pull-through, caching OCI Distribution server. "
         "Clients pull through it; what they pull is cached under --image-path "
-        "and served from there, even when the upstream is gone."
+        "and served from there, even when the upstream is gone. "
+        f"Upstream credentials may also come from ${CREDENTIALS_VARIABLE}, a JSON map "
+        "of registry to {user, password} or {token}."
     )
     optParameters: list[list[Any]] = [
         ["image-path", None, None, "Where the cache lives [default: /var/lib/ociregistry]."],
@@ -61,8 +83,18 @@ class Options(usage.Options):
          "(repeatable; replaces --port/--host)."],
         ["config-file", "c", None, "YAML configuration file (registries, timeouts, ...)."],
         ["default-ns", None, None, "Upstream for names without a registry [default: docker.io]."],
-        ["pull-timeout", None, None, "Seconds to wait for an upstream to connect or answer [default: 60]."],
+        ["pull-timeout", None, None, "Seconds to wait for an upstream's answer [default: 60]."],
+        ["connect-timeout", None, None, "Seconds to wait for a connection to an upstream [default: 30]."],
+        ["idle-timeout", None, None, "Seconds an upstream body may stall before it is abandoned [default: 60]."],
+        ["tag-ttl", None, None, "How long a cached tag is served before one upstream HEAD rechecks it: "
+         "a duration (300s, 5m), 0 to always check, or 'never' [default: 5m]."],
         ["max-manifest-size", None, None, "Largest manifest accepted from upstream [default: 8MiB]."],
+    ]
+    optFlags: list[list[Any]] = [
+        ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
+        ["air-gapped", None, "Never contact an upstream: serve only what is cached."],
+        ["allow-any-upstream", None, "Let clients name any upstream host, even private or loopback addresses."],
+        ["print-config", None, "Print the effective configuration (secrets masked) and exit."],
     ]
 
     def __init__(self) -> None:
@@ -81,18 +113,38 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Merge the config file and validate everything, naming what is wrong."""
         settings = FileSettings()
-        if self["config-file"]:
-            try:
+        try:
+            if self["config-file"]:
                 settings = load_config_file(self["config-file"])
-            except ConfigError as e:
-                raise usage.UsageError(str(e))
+            settings = replace(settings, registries=credentials_from_environment(settings.registries, os.environ))
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
         self.config = build_config(self, settings)
+        if self["print-config"]:
+            print(yaml.safe_dump(self.config.masked(), sort_keys=False), end="")
+            raise SystemExit(0)
 
 
 def _choose(given: str | None, from_file: Any, default: Any) -> Any:
     if given is not None:
         return given
     return from_file if from_file is not None else default
+
+
+def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
+    """A number of seconds from an option or file value: a number or a duration."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif allow_never and str(value).lower() == "never":
+        return math.inf
+    else:
+        try:
+            seconds = parse_duration(str(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--{option}: {e}")
+    if seconds < 0 or (seconds == 0 and not allow_never):
+        raise usage.UsageError(f"--{option}: must be a positive duration: {value!r}")
+    return seconds
 
 
 def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig:
@@ -122,12 +174,6 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
     except OCIError:
         raise usage.UsageError(f"--default-ns: not a registry host: {default_ns!r}")
     try:
-        pull_timeout = float(_choose(options["pull-timeout"], settings.pull_timeout, 60.0))
-        if pull_timeout <= 0:
-            raise ValueError
-    except ValueError:
-        raise usage.UsageError(f"--pull-timeout: must be a positive number of seconds: {options['pull-timeout']!r}")
-    try:
         max_manifest_size = parse_size(options["max-manifest-size"] or "8MiB")
     except ValueError as e:
         raise usage.UsageError(f"--max-manifest-size: {e}")
@@ -138,8 +184,15 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         listen=listen,
         default_ns=default_ns,
         registries=tuple(settings.registries),
-        pull_timeout=pull_timeout,
+        pull_timeout=_seconds("pull-timeout", _choose(options["pull-timeout"], settings.pull_timeout, 60.0)),
+        connect_timeout=_seconds("connect-timeout", options["connect-timeout"] or 30.0),
+        idle_timeout=_seconds("idle-timeout", options["idle-timeout"] or 60.0),
+        tag_ttl=_seconds("tag-ttl", _choose(options["tag-ttl"], settings.manifest_ttl, 300.0), allow_never=True),
         max_manifest_size=max_manifest_size,
+        always_pull_latest=bool(options["always-pull-latest"] or settings.always_pull_latest),
+        air_gapped=bool(options["air-gapped"] or settings.air_gapped),
+        allow_upstreams=tuple(settings.allow_upstreams or ()),
+        allow_any_upstream=bool(options["allow-any-upstream"]),
     )
 
 
@@ -157,17 +210,25 @@ class CacheService(Service):
 def open_cache(config: ServerConfig, reactor: Any) -> tuple[Cache, Index, int]:
     """Open (or create) the cache under the image path: (cache, index, swept temporaries)."""
     os.makedirs(config.image_path, exist_ok=True)
-    store = BlobStore(config.image_path, partial(deferToThreadPool, reactor, reactor.getThreadPool()))
+    to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    store = BlobStore(config.image_path, to_thread)
     swept = store.prepare()
     index = Index(os.path.join(config.image_path, "index.db"), reactor)
+    allowlist = Allowlist(
+        reactor, resolver(to_thread), [r.name for r in config.registries],
+        config.allow_upstreams, config.allow_any_upstream,
+    )
     upstream = Upstream(
         reactor,
         config.registries,
-        connect_timeout=config.pull_timeout,
+        allowlist,
+        connect_timeout=config.connect_timeout,
         response_timeout=config.pull_timeout,
+        idle_timeout=config.idle_timeout,
         max_manifest_size=config.max_manifest_size,
     )
-    cache = Cache(index, store, upstream, Downloads(store, index, upstream))
+    freshness = Freshness(config.tag_ttl, config.always_pull_latest, config.air_gapped)
+    cache = Cache(index, store, upstream, Downloads(store, index, upstream), reactor, freshness)
     return cache, index, swept
 
 

@@ -11,15 +11,18 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import treq
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -27,12 +30,14 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
 )
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from ociregistry.allowlist import Allowlist
 from ociregistry.config import RegistrySettings, registry_settings
+from ociregistry.credentials import Credentials
 from ociregistry.errors import OCIError
 from ociregistry.grammar import DOCKER_HUB
 from ociregistry.inflight import InFlight
@@ -47,6 +52,7 @@ MANIFEST_TYPES = (
 )
 _ACCEPT_MANIFESTS = ", ".join(MANIFEST_TYPES).encode("ascii")
 _REDIRECTS = (301, 302, 303, 307, 308)
+_RETRY_STATUSES = (500, 502, 503, 504)
 _MAX_REDIRECTS = 5
 _DEFAULT_TOKEN_LIFETIME = 60
 _USER_AGENT = b"ociregistry"
@@ -150,16 +156,53 @@ class TLSPolicy:
         return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
 
 
-async def discard(response: IResponse) -> None:
-    """Read and drop a response body, so the connection can be reused."""
-    try:
-        await treq.collect(response, lambda data: None)
-    except Exception:
-        pass
+class _BodyReader(Protocol):
+    """Delivers a response body to a sink; aborts when the upstream stalls or on cancel."""
+
+    def __init__(self, sink: Callable[[bytes], None], clock: IReactorTime, idle: float, source: str) -> None:
+        self.done: Deferred[None] = Deferred(lambda _: self._abort())
+        self._sink = sink
+        self._clock = clock
+        self._idle = idle
+        self._source = source
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+        try:
+            self._sink(data)
+        except Exception:
+            self._fail(Failure())
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(OCIError(502, "UNAVAILABLE", f"upstream {self._source} broke off: {_describe(reason.value)}"))
+
+    def _stalled(self) -> None:
+        self._fail(Failure(OCIError(504, "UNAVAILABLE", f"upstream {self._source} stalled for {self._idle:g} s")))
+
+    def _fail(self, failure: Failure) -> None:
+        if not self.done.called:
+            self.done.errback(failure)
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
 
 def _describe(reason: BaseException) -> str:
-    if isinstance(reason, ResponseNeverReceived) and reason.reasons:
+    if isinstance(reason, (ResponseNeverReceived, ResponseFailed)) and reason.reasons:
         return _describe(reason.reasons[0].value)
     return str(reason) or type(reason).__name__
 
@@ -171,38 +214,37 @@ class Upstream:
         self,
         reactor: IReactorTime,
         registries: Sequence[RegistrySettings],
+        allowlist: Allowlist,
         *,
+        credentials: Credentials | None = None,
         connect_timeout: float = 30.0,
         response_timeout: float = 60.0,
+        idle_timeout: float = 60.0,
+        retries: int = 2,
+        backoff: float = 0.5,
         max_manifest_size: int = 8 * 1024 * 1024,
-        http: HTTPClient | None = None,
     ) -> None:
         self._clock = reactor
         self._registries = tuple(registries)
+        self._allowlist = allowlist
+        self._credentials = credentials or Credentials(reactor, self.settings)
         self._response_timeout = response_timeout
+        self._idle_timeout = idle_timeout
+        self._retries = retries
+        self._backoff = backoff
         self.max_manifest_size = max_manifest_size
-        if http is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 8
-            self._pool: HTTPConnectionPool | None = pool
-            agent = Agent(
-                reactor,
-                contextFactory=TLSPolicy(self._registries),
-                pool=pool,
-                connectTimeout=connect_timeout,
-            )
-            http = HTTPClient(agent)
-        else:
-            self._pool = None
-        self._http = http
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 8
+        agent = Agent(reactor, contextFactory=TLSPolicy(self._registries), pool=self._pool,
+                      connectTimeout=connect_timeout)
+        self._http = HTTPClient(agent)
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._token_fetches: InFlight[tuple[str, str], _Token] = InFlight()
         self._basic: set[str] = set()
 
     async def close(self) -> None:
         """Close the pooled connections (at shutdown)."""
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+        await self._pool.closeCachedConnections()
 
     def settings(self, registry: str) -> RegistrySettings:
         """The configured settings for a registry, or the defaults."""
@@ -212,30 +254,51 @@ class Upstream:
         """The scheme and host of a registry's API."""
         return f"{self.settings(registry).scheme}://{api_host(registry)}"
 
-    async def fetch_manifest(
-        self, registry: str, repository: str, reference: str
-    ) -> tuple[bytes, str | None, str | None]:
-        """GET a manifest: (bytes, Content-Type, Docker-Content-Digest)."""
-        response = await self.request(
-            "GET", registry, repository, f"/v2/{repository}/manifests/{reference}",
-            accept=_ACCEPT_MANIFESTS,
-        )
-        await self._check(response, registry)
-        limit = self.max_manifest_size
-        if response.length is not None and isinstance(response.length, int) and response.length > limit:
-            await discard(response)
-            raise _too_large(registry, limit)
+    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> "Deferred[None]":
+        """Feed a response body to ``sink``; fails if the upstream stalls or breaks off.
+
+        Cancelling the Deferred aborts the connection.
+        """
+        reader = _BodyReader(sink, self._clock, self._idle_timeout, source)
+        response.deliverBody(reader)
+        return reader.done
+
+    async def _content(self, response: IResponse, registry: str, limit: int | None = None) -> bytes:
         chunks: list[bytes] = []
         received = [0]
 
         def collect(data: bytes) -> None:
             received[0] += len(data)
-            if received[0] > limit:
+            if limit is not None and received[0] > limit:
                 raise _too_large(registry, limit)
             chunks.append(data)
 
-        await self._guard(registry, treq.collect(response, collect))
-        return b"".join(chunks), _header(response, b"content-type"), _header(response, b"docker-content-digest")
+        await self.read_body(response, collect, registry)
+        return b"".join(chunks)
+
+    async def fetch_manifest(
+        self, registry: str, repository: str, reference: str
+    ) -> tuple[bytes, str | None, str | None]:
+        """GET a manifest: (bytes, Content-Type, Docker-Content-Digest)."""
+        response = await self.request(
+            "GET", registry, repository, f"/v2/{repository}/manifests/{reference}", accept=_ACCEPT_MANIFESTS
+        )
+        await self._check(response, registry)
+        limit = self.max_manifest_size
+        if isinstance(response.length, int) and response.length > limit:
+            await discard(response)
+            raise _too_large(registry, limit)
+        content = await self._content(response, registry, limit)
+        return content, _header(response, b"content-type"), _header(response, b"docker-content-digest")
+
+    async def manifest_digest(self, registry: str, repository: str, tag: str) -> str | None:
+        """The digest a tag points at upstream, from one HEAD (Docker Hub does not count HEADs)."""
+        response = await self.request(
+            "HEAD", registry, repository, f"/v2/{repository}/manifests/{tag}", accept=_ACCEPT_MANIFESTS
+        )
+        await self._check(response, registry)
+        await discard(response)
+        return _header(response, b"docker-content-digest")
 
     async def head_blob(self, registry: str, repository: str, digest: str) -> int | None:
         """The size of an upstream blob from a HEAD, without downloading it."""
@@ -259,10 +322,9 @@ class Upstream:
             path += "?" + urlencode(query)
         response = await self.request("GET", registry, repository, path)
         await self._check(response, registry)
-        chunks: list[bytes] = []
-        await self._guard(registry, treq.collect(response, chunks.append))
+        content = await self._content(response, registry, self.max_manifest_size)
         try:
-            tags = json.loads(b"".join(chunks))["tags"] or []
+            tags = json.loads(content)["tags"] or []
             if not all(isinstance(tag, str) for tag in tags):
                 raise ValueError("tags must be strings")
         except (ValueError, KeyError, TypeError) as e:
@@ -281,16 +343,17 @@ class Upstream:
 
         The response is unbuffered: the caller reads or discards its body.
         """
+        await self._allowlist.check(api_host(registry), via=registry)
         scope = f"repository:{repository}:pull"
         url = self.base_url(registry) + path
         for attempt in (1, 2):
             headers = Headers({b"User-Agent": [_USER_AGENT]})
             if accept:
                 headers.setRawHeaders(b"Accept", [accept])
-            authorization = self._authorization(registry, scope)
+            authorization = await self._authorization(registry, scope)
             if authorization:
                 headers.setRawHeaders(b"Authorization", [authorization])
-            response = await self._guard(registry, self._follow(method, url, headers))
+            response = await self._send(registry, method, url, headers)
             if response.code != 401 or attempt == 2:
                 return response
             challenge = parse_challenge(_header(response, b"www-authenticate") or "")
@@ -298,26 +361,49 @@ class Upstream:
             if challenge.scheme == "bearer" and "realm" in challenge.params:
                 self._tokens.pop((registry, scope), None)
                 await self._token(registry, scope, challenge)
-            elif challenge.scheme == "basic" and self.settings(registry).user is not None:
+            elif challenge.scheme == "basic" and await self._credentials.login(registry) is not None:
                 self._basic.add(registry)
             else:
                 return response
         raise AssertionError("unreachable")
 
-    def _authorization(self, registry: str, scope: str) -> bytes | None:
+    async def _send(self, registry: str, method: str, url: str, headers: Headers) -> IResponse:
+        """Send, retrying connection failures and 5xx answers with backoff.
+
+        Only requests whose body nobody has read yet are retried.
+        """
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                response = await self._guard(registry, self._follow(registry, method, url, headers))
+            except OCIError as e:
+                if last or e.status not in (502, 504):
+                    raise
+                log.info("Retrying {method} {url}: {why}", method=method, url=url, why=e.message)
+            else:
+                if last or response.code not in _RETRY_STATUSES:
+                    return response
+                await discard(response)
+                log.info("Retrying {method} {url} after status {code}", method=method, url=url, code=response.code)
+            await deferLater(self._clock, self._backoff * 2**attempt, lambda: None)
+        raise AssertionError("unreachable")
+
+    async def _authorization(self, registry: str, scope: str) -> bytes | None:
+        static = self._credentials.token(registry)
+        if static:
+            return b"Bearer " + static.encode("utf-8")
         token = self._tokens.get((registry, scope))
         if token is not None and token.expires > self._clock.seconds():
-            return b"Bearer " + token.value.encode("ascii")
+            return b"Bearer " + token.value.encode("utf-8")
         if registry in self._basic:
-            return self._basic_credentials(registry)
+            return await self._basic_credentials(registry)
         return None
 
-    def _basic_credentials(self, registry: str) -> bytes | None:
-        settings = self.settings(registry)
-        if settings.user is None:
+    async def _basic_credentials(self, registry: str) -> bytes | None:
+        login = await self._credentials.login(registry)
+        if login is None:
             return None
-        pair = f"{settings.user}:{settings.password or ''}".encode("utf-8")
-        return b"Basic " + base64.b64encode(pair)
+        return b"Basic " + base64.b64encode(f"{login.user}:{login.password}".encode("utf-8"))
 
     async def _token(self, registry: str, scope: str, challenge: Challenge) -> _Token:
         async def fetch() -> _Token:
@@ -334,12 +420,11 @@ class Upstream:
             query["service"] = challenge.params["service"]
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
         headers = Headers({b"User-Agent": [_USER_AGENT]})
-        credentials = self._basic_credentials(registry)
+        credentials = await self._basic_credentials(registry)
         if credentials:
             headers.setRawHeaders(b"Authorization", [credentials])
-        response = await self._guard(registry, self._follow("GET", url, headers))
-        body: list[bytes] = []
-        await self._guard(registry, treq.collect(response, body.append))
+        response = await self._send(registry, "GET", url, headers)
+        body = await self._content(response, registry, 1024 * 1024)
         if response.code != 200:
             raise OCIError(
                 401 if response.code in (401, 403) else 502,
@@ -347,7 +432,7 @@ class Upstream:
                 f"token service of {registry} answered {response.code}",
             )
         try:
-            document = json.loads(b"".join(body))
+            document = json.loads(body)
             value = document.get("token") or document.get("access_token")
             if not isinstance(value, str) or not value:
                 raise ValueError("no token in the answer")
@@ -358,13 +443,14 @@ class Upstream:
         margin = min(30.0, lifetime / 4)
         return _Token(value, self._clock.seconds() + lifetime - margin)
 
-    async def _follow(self, method: str, url: str, headers: Headers) -> IResponse:
+    async def _follow(self, registry: str, method: str, url: str, headers: Headers) -> IResponse:
         """Send, following redirects; Authorization never goes to another host."""
         origin = urlsplit(url).netloc
         for _ in range(_MAX_REDIRECTS + 1):
-            request = self._http.request(
-                method, url, headers=headers, allow_redirects=False, unbuffered=True
-            )
+            netloc = urlsplit(url).netloc
+            if netloc != origin or origin != api_host(registry):
+                await self._allowlist.check(netloc, via=registry)
+            request = self._http.request(method, url, headers=headers, allow_redirects=False, unbuffered=True)
             request.addTimeout(self._response_timeout, self._clock)
             response: IResponse = await request
             location = _header(response, b"location")
@@ -387,8 +473,11 @@ class Upstream:
             raise CancelledError()
         except TimeoutError:
             raise OCIError(504, "UNAVAILABLE", f"upstream {registry} did not answer in time")
-        except (neterror.ConnectError, neterror.DNSLookupError, neterror.ConnectionLost,
-                ResponseNeverReceived, SSL.Error) as e:
+        except (ResponseNeverReceived, ResponseFailed) as e:
+            if any(reason.check(CancelledError) for reason in e.reasons):
+                raise CancelledError()
+            raise OCIError(502, "UNAVAILABLE", f"upstream {registry} unreachable: {_describe(e)}")
+        except (neterror.ConnectError, neterror.DNSLookupError, neterror.ConnectionLost, SSL.Error) as e:
             raise OCIError(502, "UNAVAILABLE", f"upstream {registry} unreachable: {_describe(e)}")
 
     async def _check(self, response: IResponse, registry: str) -> None:
@@ -400,7 +489,7 @@ class Upstream:
         if code == 404:
             raise UpstreamNotFound()
         if code in (401, 403):
-            if self.settings(registry).user is None and code == 401:
+            if code == 401 and not self._credentials.configured(registry):
                 # Docker Hub answers unknown repositories this way to anonymous clients.
                 raise UpstreamNotFound()
             raise OCIError(403, "DENIED", f"upstream {registry} refused access ({code})")
@@ -411,6 +500,14 @@ class Upstream:
         raise OCIError(502, "UNAVAILABLE", f"upstream {registry} answered {code}")
 
 
+async def discard(response: IResponse) -> None:
+    """Read and drop a response body, so the connection can be reused."""
+    try:
+        await treq.collect(response, lambda data: None)
+    except Exception:
+        pass
+
+
 def _header(response: IResponse, name: bytes) -> str | None:
     values = response.headers.getRawHeaders(name)
     return values[0].decode("latin-1") if values else None
@@ -418,4 +515,3 @@ def _header(response: IResponse, name: bytes) -> str | None:
 
 def _too_large(registry: str, limit: int) -> OCIError:
     return OCIError(502, "MANIFEST_INVALID", f"manifest from {registry} is larger than {limit} bytes")
-

@@ -181,10 +181,12 @@ class FakeRegistry(Resource):
         request.setHeader(b"Docker-Content-Digest", digest.encode())
         if request.method == b"HEAD":
             return b""
-        self._stream(request, content, 0, behaviour)
+        pending: list[Any] = []
+        request.notifyFinish().addErrback(lambda _: [call.cancel() for call in pending if call.active()])
+        self._stream(request, content, 0, behaviour, pending)
         return NOT_DONE_YET
 
-    def _stream(self, request: Any, content: bytes, offset: int, behaviour: Behaviour) -> None:
+    def _stream(self, request: Any, content: bytes, offset: int, behaviour: Behaviour, pending: list[Any]) -> None:
         if request._disconnected:
             return
         if behaviour.drop_after is not None and offset >= behaviour.drop_after:
@@ -200,7 +202,7 @@ class FakeRegistry(Resource):
         if end >= len(content) and behaviour.drop_after is None:
             request.finish()
             return
-        reactor.callLater(behaviour.delay, self._stream, request, content, end, behaviour)
+        pending[:] = [reactor.callLater(behaviour.delay, self._stream, request, content, end, behaviour, pending)]
 
 
 async def listen(resource: Resource) -> tuple[int, Any]:

@@ -119,11 +119,15 @@ class PullThroughTests(TestCase):
         registry = await start_registry(self.path("registry"), test=self, address="127.0.0.21", port=80)
         await self.push_both(registry)
         server = await self.serve([{"name": registry.host, "scheme": "http"}])
+        heads = registry.count_requests("HEAD", "/manifests/v1.0-RC")
         await self.check_pulls(server, registry)
-        index_gets = registry.count_requests("GET", f"/manifests/v1.0-RC")
-        self.assertEqual(index_gets, 1)
+        self.assertEqual(registry.count_requests("HEAD", "/manifests/v1.0-RC") - heads, 1)
+        self.assertEqual(registry.count_requests("GET", "/manifests/v1.0-RC"), 0)
+        self.assertEqual(registry.count_requests("GET", f"/manifests/{self.oci.digest}"), 1)
         await registry.stop()
         await server.stop()
+        # Every tag is now due for a recheck, which fails: the cached tags are served.
+        server.args += ["--tag-ttl", "0"]
         await server.start()
         puller = Puller(self, server)
         for image, repository, tag in [(self.oci, "team/app", "v1.0-RC"), (self.docker, "tools", "Latest")]:

@@ -33,11 +33,14 @@ class ServerTestCase(TestCase):
             image_path=self.image_path,
             listen=(),
             default_ns=self.registry,
-            registries=(RegistrySettings(name=self.registry, scheme="http", **(registry or {})),),
             pull_timeout=5.0,
             max_manifest_size=8 * 1024 * 1024,
         )
         settings.update(config)
+        settings["registries"] = (
+            RegistrySettings(name=self.registry, scheme="http", **(registry or {})),
+            *settings.get("registries", ()),
+        )
         self.config = ServerConfig(**settings)
         self.cache, self.index, _ = open_cache(self.config, reactor)
         self.addCleanup(lambda: Deferred.fromCoroutine(self.cache.close()))
@@ -78,7 +81,9 @@ class PullTests(ServerTestCase):
                 self.assertEqual(body, image.manifest)
                 self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/vnd.oci.image.manifest.v1+json"])
                 self.assertEqual(response.headers.getRawHeaders("docker-content-digest"), [image.digest])
-            self.assertEqual(self.upstream.count("GET", "/manifests/v1.0-RC"), 1)
+            self.assertEqual(self.upstream.count("HEAD", "/manifests/v1.0-RC"), 1)
+            self.assertEqual(self.upstream.count("GET", f"/manifests/{image.digest}"), 1)
+            self.assertEqual(self.upstream.count("GET", "/manifests/v1.0-RC"), 0)
             for digest, content in image.blobs.items():
                 response, body = await self.get(f"/v2/team/app/blobs/{digest}")
                 self.assertEqual((response.code, body), (200, content))
@@ -252,12 +257,11 @@ class MoreTests(ServerTestCase):
 
     async def test_upstream_unreachable(self) -> None:
         """An upstream that refuses connections is a 502 JSON error, not an empty 500."""
-        await self.start()
+        await self.start(registries=(RegistrySettings(name="127.0.0.1:1", scheme="http"),))
         response, body = await self.get("/v2/app/manifests/latest?ns=127.0.0.1:1")
         self.assertEqual(response.code, 502)
         self.assertEqual(json.loads(body)["errors"][0]["code"], "UNAVAILABLE")
         self.assertIn("127.0.0.1:1", json.loads(body)["errors"][0]["message"])
-        self.flushLoggedErrors()
 
     async def test_namespace_sources(self) -> None:
         """The ns query, the X-Registry header and the default namespace all reach the upstream."""
@@ -357,10 +361,14 @@ class MoreTests(ServerTestCase):
         await self.start()
         image = make_image(b"m")
         self.upstream.add_image("app", "v1", image)
-        self.upstream.manifest_digest_header = "sha256:" + "0" * 64
+        wrong = "sha256:" + "0" * 64
+        self.upstream.manifest_digest_header = wrong
+        self.upstream.manifests[("app", wrong)] = self.upstream.manifests[("app", "v1")]
         response, body = await self.get("/v2/app/manifests/v1")
         self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "DIGEST_INVALID")
         self.assertIsNone(self.index.manifest(image.digest))
+        self.assertIsNone(self.index.manifest(wrong))
         self.upstream.manifest_digest_header = None
         response, body = await self.get("/v2/app/manifests/v1")
         self.assertEqual((response.code, body), (200, image.manifest))
