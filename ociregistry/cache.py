@@ -66,6 +66,7 @@ class Cache:
 
     async def close(self) -> None:
         """Abandon downloads, close upstream connections, record pull times and close the index."""
+        self._upstream.stop_retrying()
         await self._downloads.close()
         await self._upstream.close()
         self._index.close()

@@ -241,9 +241,18 @@ class Upstream:
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._token_fetches: InFlight[tuple[str, str], _Token] = InFlight()
         self._basic: set[str] = set()
+        self._closed = False
+        self._pauses: set[Deferred[None]] = set()
+
+    def stop_retrying(self) -> None:
+        """Shutdown is under way: failed requests are not tried again."""
+        self._closed = True
+        for pause in list(self._pauses):
+            pause.cancel()
 
     async def close(self) -> None:
         """Close the pooled connections (at shutdown)."""
+        self.stop_retrying()
         await self._pool.closeCachedConnections()
 
     def settings(self, registry: str) -> RegistrySettings:
@@ -373,7 +382,7 @@ class Upstream:
         Only requests whose body nobody has read yet are retried.
         """
         for attempt in range(self._retries + 1):
-            last = attempt == self._retries
+            last = attempt == self._retries or self._closed
             try:
                 response = await self._guard(registry, self._follow(registry, method, url, headers))
             except OCIError as e:
@@ -385,7 +394,12 @@ class Upstream:
                     return response
                 await discard(response)
                 log.info("Retrying {method} {url} after status {code}", method=method, url=url, code=response.code)
-            await deferLater(self._clock, self._backoff * 2**attempt, lambda: None)
+            pause = deferLater(self._clock, self._backoff * 2**attempt, lambda: None)
+            self._pauses.add(pause)
+            try:
+                await pause
+            finally:
+                self._pauses.discard(pause)
         raise AssertionError("unreachable")
 
     async def _authorization(self, registry: str, scope: str) -> bytes | None:

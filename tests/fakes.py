@@ -95,6 +95,8 @@ class FakeRegistry(Resource):
         self.auth: tuple[str, ...] | None = None
         self.valid_tokens: set[str] = set()
         self.redirect_blobs: str | None = None
+        self.next_statuses: list[int] = []
+        self.connections = 0
 
     def add_image(self, repository: str, tag: str, image: Image) -> None:
         """Serve an image under a tag and its digest."""
@@ -135,6 +137,10 @@ class FakeRegistry(Resource):
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         if not self._authorized(request):
             return b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}'
+        if self.next_statuses:
+            request.setResponseCode(self.next_statuses.pop(0))
+            request.setHeader(b"Retry-After", b"7")
+            return b'{"errors":[{"code":"UNKNOWN","message":"injected fault"}]}'
         if path in ("/v2/", "/v2"):
             return b"{}"
         parts = path[len("/v2/"):].split("/")

@@ -43,13 +43,18 @@ class ServerTestCase(TestCase):
         )
         self.config = ServerConfig(**settings)
         self.cache, self.index, _ = open_cache(self.config, reactor)
-        self.addCleanup(lambda: Deferred.fromCoroutine(self.cache.close()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.close_cache()))
         port, ours = await listen(make_site(self.cache, self.config).resource)
         self.addCleanup(ours.stopListening)
         self.base = f"http://127.0.0.1:{port}"
         pool = HTTPConnectionPool(reactor)
         self.addCleanup(pool.closeCachedConnections)
         self.client = HTTPClient(Agent(reactor, pool=pool))
+
+    async def close_cache(self) -> None:
+        await self.cache.close()
+        # Aborted upstream connections close on the next turn of the reactor.
+        await wait(0.01)
 
     async def get(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[Any, bytes]:
         response = await self.client.request(method, self.base + path, **kwargs)
