@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -25,7 +26,14 @@ from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
 
-Manifest = tuple[ManifestRecord, bytes]
+
+
+class Manifest(NamedTuple):
+    """A manifest to serve, and where it came from: hit, miss (fetched) or stale."""
+
+    record: ManifestRecord
+    content: bytes
+    source: str
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,18 @@ class Cache:
         await self._upstream.close()
         self._index.close()
 
+    def totals(self) -> tuple[int, int, int]:
+        """Cached manifests, blobs, and their bytes on disk."""
+        return self._index.totals()
+
+    def downloading(self) -> int:
+        """How many blob downloads are in progress."""
+        return len(self._downloads)
+
+    def health(self) -> str | None:
+        """None when the index is readable and the image path writable, else the problem."""
+        return self._index.readable() or self._store.writable()
+
     async def manifest(self, where: Where, reference: str) -> Manifest:
         """A manifest by tag or digest, fetched and stored on a miss, revalidated when stale."""
         if is_digest(reference):
@@ -79,7 +99,7 @@ class Cache:
                 found = await self._fetch(where, reference)
         else:
             found = await self._tagged(where, reference)
-        self._index.record_pull(found[0].digest)
+        self._index.record_pull(found.record.digest)
         return found
 
     async def _tagged(self, where: Where, tag: str) -> Manifest:
@@ -116,12 +136,12 @@ class Cache:
                 raise OCIError(404, "MANIFEST_UNKNOWN", "the upstream no longer has this tag")
             if digest is None or not _verifiable(digest):
                 found = await self._fetch(where, tag, tag)
-            elif cached is not None and digest == cached[0].digest:
+            elif cached is not None and digest == cached.record.digest:
                 self._index.point_tag(where.registry, where.repository, tag, digest)
                 found = cached
             else:
                 found = self._cached_manifest(self._index.manifest(digest)) or await self._fetch(where, digest, tag)
-                self._index.point_tag(where.registry, where.repository, tag, found[0].digest)
+                self._index.point_tag(where.registry, where.repository, tag, found.record.digest)
                 if cached is not None:
                     log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
         except OCIError as e:
@@ -131,7 +151,7 @@ class Cache:
                 self._stale.add(key)
                 log.warn("Serving cached {where}:{tag}: upstream could not confirm it ({why})",
                          where=str(where), tag=tag, why=e.message)
-            return cached
+            return cached._replace(source="stale")
         self._stale.discard(key)
         return found
 
@@ -144,7 +164,7 @@ class Cache:
             self._index.forget_manifest(record.digest)
             return None
         log.debug("Serving manifest {digest} from cache", digest=record.digest)
-        return record, content
+        return Manifest(record, content, "hit")
 
     async def _fetch(self, where: Where, reference: str, tag: str | None = None) -> Manifest:
         if self._freshness.air_gapped:
@@ -178,7 +198,7 @@ class Cache:
         )
         if media_type in IMAGE_TYPES:
             self._downloads.prefetch(where.registry, where.repository, [r.child for r in references])
-        return record, content
+        return Manifest(record, content, "miss")
 
     def _stored_blob(self, digest: str) -> StoredBlob | None:
         size = self._index.blob_size(digest)

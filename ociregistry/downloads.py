@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from ociregistry.errors import OCIError, blob_unknown
 from ociregistry.index import Index
 from ociregistry.inflight import Observable
+from ociregistry.metrics import Metrics
 from ociregistry.store import BlobStore, DigestMismatch, SizeExceeded, Writer
 from ociregistry.upstream import Upstream, UpstreamNotFound
 
@@ -147,8 +148,10 @@ class Downloads:
         store: BlobStore,
         index: Index,
         upstream: Upstream,
+        metrics: Metrics,
         prefetch_concurrency: int = 3,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._index = index
         self._upstream = upstream
@@ -202,7 +205,13 @@ class Downloads:
             response = await self._upstream.open_blob(registry, repository, digest)
             length = response.length
             download.begin(length if isinstance(length, int) else None)
-            await self._upstream.read_body(response, download.write, registry)
+            fetched = self._metrics.bytes_fetched.labels(registry)
+
+            def write(data: bytes) -> None:
+                download.write(data)
+                fetched.inc(len(data))
+
+            await self._upstream.read_body(response, write, registry)
             size = await download.commit()
             self._index.record_blob(digest, size)
             log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",

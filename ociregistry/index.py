@@ -164,6 +164,20 @@ class Index:
         assert record is not None
         return record
 
+    def readable(self) -> str | None:
+        """None if the index answers a query, else why not."""
+        try:
+            self._db.execute("SELECT 1 FROM manifests LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            return f"index is not readable: {e}"
+        return None
+
+    def totals(self) -> tuple[int, int, int]:
+        """How many manifests and blobs are cached, and their bytes on disk."""
+        manifests, manifest_bytes = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM manifests").fetchone()
+        blobs, blob_bytes = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
+        return int(manifests), int(blobs), int(manifest_bytes + blob_bytes)
+
     def tags(self, registry: str, repository: str) -> list[str]:
         """The cached tags of a repository, sorted."""
         rows = self._db.execute(

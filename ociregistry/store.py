@@ -57,6 +57,16 @@ class BlobStore:
         os.makedirs(self._tmp)
         return swept
 
+    def writable(self) -> str | None:
+        """None if a file can be created in the temporary area, else why not."""
+        probe = os.path.join(self._tmp, f"health-{uuid.uuid4().hex}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            return f"image path is not writable: {e.strerror}"
+        return None
+
     def path_for(self, digest: str) -> str:
         """The file that holds (or will hold) the content with this digest.
 

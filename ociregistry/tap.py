@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import math
+import os
+import signal
+import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
@@ -12,6 +15,11 @@ import yaml
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
+from twisted.python.components import Componentized
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.resource import Resource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
@@ -19,10 +27,18 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from ociregistry import __version__
+from ociregistry import __version__, logs
 from ociregistry.allowlist import Allowlist, resolver
 from ociregistry.cache import Cache, Freshness
-from ociregistry.config import ConfigError, FileSettings, RegistrySettings, load_config_file, parse_duration, parse_size
+from ociregistry.config import (
+    ConfigError,
+    FileSettings,
+    RegistrySettings,
+    ServerTLSSettings,
+    load_config_file,
+    parse_duration,
+    parse_size,
+)
 from ociregistry.credentials import CREDENTIALS_VARIABLE, credentials_from_environment
 from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError
@@ -30,11 +46,15 @@ from ociregistry.grammar import canonical_registry
 from ociregistry.index import Index
 from ociregistry.store import BlobStore
 from ociregistry.upstream import Upstream
-from ociregistry.web import RegistryAPI, Root, plain_http
+from ociregistry.logs import LEVELS
+from ociregistry.metrics import Metrics
+from ociregistry.tls import ServerTLS
+from ociregistry.web import Health, RegistryAPI, Root, plain_http
 
 log = Logger()
 
 _PULL_FLUSH_SECONDS = 10.0
+_METRICS_REFRESH_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,14 @@ class ServerConfig:
     air_gapped: bool = False
     allow_upstreams: tuple[str, ...] = ()
     allow_any_upstream: bool = False
+    tls_listen: tuple[str, ...] = ()
+    server_tls: ServerTLSSettings | None = None
+    health_listen: str | None = None
+    metrics_listen: str | None = None
+    log_level: str = "info"
+    log_file: str | None = None
+    log_json: bool = False
+    shutdown_grace: float = 10.0
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data, secrets masked, for --print-config."""
@@ -61,6 +89,7 @@ class ServerConfig:
         shown["registries"] = [asdict(r.masked()) for r in self.registries]
         shown["listen"] = list(self.listen)
         shown["allow_upstreams"] = list(self.allow_upstreams)
+        shown["tls_listen"] = list(self.tls_listen)
         return shown
 
 
@@ -89,6 +118,18 @@ class Options(usage.Options):
         ["tag-ttl", None, None, "How long a cached tag is served before one upstream HEAD rechecks it: "
          "a duration (300s, 5m), 0 to always check, or 'never' [default: 5m]."],
         ["max-manifest-size", None, None, "Largest manifest accepted from upstream [default: 8MiB]."],
+        ["tls-cert", None, None, "Serve HTTPS with this certificate (PEM) [serverTlsConfig.cert]."],
+        ["tls-key", None, None, "The certificate's private key (PEM) [serverTlsConfig.key]."],
+        ["tls-ca", None, None, "CA for client certificates [serverTlsConfig.ca]."],
+        ["tls-client-auth", None, None, "none, or verify: require client certificates signed by --tls-ca."],
+        ["tls-port", None, None, "Serve HTTPS on this port too, keeping plain HTTP on --port "
+         "[default: HTTPS on --port when TLS is configured]."],
+        ["health", None, None, "Also serve /health on this port."],
+        ["metrics", None, None, "Serve /metrics on this port instead of the main listener."],
+        ["log-level", None, None, "error, warn, info or debug [default: info]."],
+        ["log-file", None, None, "Write the log here instead of standard output."],
+        ["log-format", None, "text", "text, or json for log shippers."],
+        ["shutdown-grace", None, "10", "Seconds to let responses and downloads finish at shutdown."],
     ]
     optFlags: list[list[Any]] = [
         ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
@@ -147,6 +188,44 @@ def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
     return seconds
 
 
+def _tcp(option: str, port: Any, host: str) -> str:
+    """A TCP endpoint description for a port option, on the listen address."""
+    try:
+        number = int(port)
+        if not 0 <= number < 65536:
+            raise ValueError
+    except ValueError:
+        raise usage.UsageError(f"{option}: not a TCP port number: {port!r}")
+    return f"tcp:{number}" + (f":interface={host}" if host else "")
+
+
+def _server_tls(options: usage.Options, settings: FileSettings) -> ServerTLSSettings | None:
+    """TLS towards clients, from the options over serverTlsConfig."""
+    file = settings.server_tls
+    cert = _choose(options["tls-cert"], file and file.cert, None)
+    key = _choose(options["tls-key"], file and file.key, None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise usage.UsageError("--tls-cert and --tls-key: give both")
+    ca = _choose(options["tls-ca"], file and file.ca, None)
+    client_auth = _choose(options["tls-client-auth"], file and file.client_auth, "none")
+    if client_auth not in ("none", "verify"):
+        raise usage.UsageError(f"--tls-client-auth: none or verify, not {client_auth!r}")
+    if client_auth == "verify" and not ca:
+        raise usage.UsageError("--tls-client-auth verify: needs --tls-ca")
+    for option, path in [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)]:
+        if path and not os.path.isfile(path):
+            raise usage.UsageError(f"{option}: file not found: {path}")
+    settings_tls = ServerTLSSettings(os.path.abspath(cert), os.path.abspath(key),
+                                     os.path.abspath(ca) if ca else None, client_auth)
+    try:
+        ServerTLS(settings_tls)
+    except Exception as e:
+        raise usage.UsageError(f"--tls-cert/--tls-key: cannot be used: {e}")
+    return settings_tls
+
+
 def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig:
     """Combine options and file settings into the server's configuration."""
     image_path = _choose(options["image-path"], settings.image_path, "/var/lib/ociregistry")
@@ -179,8 +258,33 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         raise usage.UsageError(f"--max-manifest-size: {e}")
     if max_manifest_size < 4 * 1024 * 1024:
         raise usage.UsageError("--max-manifest-size: must be at least 4MiB")
+    server_tls = _server_tls(options, settings)
+    tls_port = options["tls-port"]
+    tls_listen: tuple[str, ...] = ()
+    if server_tls is not None:
+        if tls_port is not None:
+            tls_listen = (_tcp("--tls-port", tls_port, host),)
+        elif not options["listen"]:
+            listen, tls_listen = (), listen
+    elif tls_port is not None:
+        raise usage.UsageError("--tls-port: needs --tls-cert and --tls-key (or serverTlsConfig)")
+    health = _choose(options["health"], settings.health, None)
+    metrics = _choose(options["metrics"], settings.metrics, None)
+    log_level = _choose(options["log-level"], settings.log_level, "info")
+    if log_level not in LEVELS:
+        raise usage.UsageError(f"--log-level: one of {', '.join(LEVELS)}, not {log_level!r}")
+    if options["log-format"] not in ("text", "json"):
+        raise usage.UsageError(f"--log-format: text or json, not {options['log-format']!r}")
     return ServerConfig(
         image_path=os.path.abspath(image_path),
+        tls_listen=tls_listen,
+        server_tls=server_tls,
+        health_listen=None if health is None else _tcp("--health", health, host),
+        metrics_listen=None if metrics is None else _tcp("--metrics", metrics, host),
+        log_level=log_level,
+        log_file=_choose(options["log-file"], settings.log_file, None),
+        log_json=options["log-format"] == "json",
+        shutdown_grace=_seconds("shutdown-grace", options["shutdown-grace"]),
         listen=listen,
         default_ns=default_ns,
         registries=tuple(settings.registries),
@@ -197,17 +301,67 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
 
 
 class CacheService(Service):
-    """Closes the cache (index and upstream connections) at shutdown."""
+    """Logs the start-up banner; at shutdown lets work finish for a grace period, then closes the cache."""
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, api: RegistryAPI, config: ServerConfig, reactor: Any) -> None:
         self._cache = cache
+        self._api = api
+        self._config = config
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        log_banner(self._config, self._cache)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self._cache.close())
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        deadline = self._reactor.seconds() + self._config.shutdown_grace
+        while (self._api.active or self._cache.downloading()) and self._reactor.seconds() < deadline:
+            await deferLater(self._reactor, 0.1, lambda: None)
+        if self._api.active or self._cache.downloading():
+            log.warn("Shutting down with {responses} responses and {downloads} downloads unfinished",
+                     responses=self._api.active, downloads=self._cache.downloading())
+        await self._cache.close()
 
 
-def open_cache(config: ServerConfig, reactor: Any) -> tuple[Cache, Index, int]:
+class OCIRegistryService(MultiService):
+    """The whole server; under twistd it also chooses the log observer."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd logs through an application's ILogObserver component, if it has one.
+        if isinstance(parent, Componentized):
+            config = self._config
+            parent.setComponent(ILogObserver, logs.observer(config.log_level, config.log_file, config.log_json))
+        super().setServiceParent(parent)
+
+
+def log_banner(config: ServerConfig, cache: Cache) -> None:
+    """What users of the Go server look for at start: who, where, what, how."""
+    manifests, blobs, size = cache.totals()
+    tls = "none"
+    if config.server_tls is not None:
+        tls = "verify client certificates" if config.server_tls.client_auth == "verify" else "server certificate"
+    log.info(
+        "ociregistry {version}: pull-only, pull-through, caching OCI Distribution server\n"
+        "  started {started} as uid:gid {uid}:{gid}, pid {pid}\n"
+        "  listening on {listen}; TLS: {tls}\n"
+        "  image path {image_path}: {manifests} manifests, {blobs} blobs, {size} bytes\n"
+        "  command line: {command}",
+        version=__version__, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), uid=os.getuid(), gid=os.getgid(),
+        pid=os.getpid(), listen=", ".join([*config.listen, *(f"{d} (TLS)" for d in config.tls_listen)]),
+        tls=tls, image_path=config.image_path, manifests=manifests, blobs=blobs, size=size,
+        command=" ".join(sys.argv),
+    )
+
+
+def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Cache, Index, int]:
     """Open (or create) the cache under the image path: (cache, index, swept temporaries)."""
     os.makedirs(config.image_path, exist_ok=True)
     to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
@@ -226,17 +380,24 @@ def open_cache(config: ServerConfig, reactor: Any) -> tuple[Cache, Index, int]:
         response_timeout=config.pull_timeout,
         idle_timeout=config.idle_timeout,
         max_manifest_size=config.max_manifest_size,
+        metrics=metrics,
     )
     freshness = Freshness(config.tag_ttl, config.always_pull_latest, config.air_gapped)
-    cache = Cache(index, store, upstream, Downloads(store, index, upstream), reactor, freshness)
+    downloads = Downloads(store, index, upstream, metrics)
+    metrics.track_downloads(lambda: len(downloads))
+    cache = Cache(index, store, upstream, downloads, reactor, freshness)
     return cache, index, swept
 
 
-def make_site(cache: Cache, config: ServerConfig) -> Site:
-    """The web site serving the pull API from a cache."""
-    site = Site(Root(RegistryAPI(cache, config.default_ns)))
+def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[Site, RegistryAPI]:
+    """The web site serving the pull API (and /health, and /metrics unless it has its own port)."""
+    api = RegistryAPI(cache, config.default_ns, metrics)
+    children: dict[bytes, Resource] = {b"v2": api, b"health": Health(cache.health)}
+    if config.metrics_listen is None:
+        children[b"metrics"] = metrics.resource()
+    site = Site(Root(children), logFormatter=logs.access_line)
     site.displayTracebacks = False
-    return site
+    return site, api
 
 
 def makeService(options: Options) -> IService:
@@ -244,20 +405,29 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: ServerConfig = options.config
-    cache, index, swept = open_cache(config, reactor)
-    site = make_site(cache, config)
-    service = MultiService()
-    CacheService(cache).setServiceParent(service)
+    metrics = Metrics()
+    cache, index, swept = open_cache(config, reactor, metrics)
+    site, api = make_site(cache, config, metrics)
+    service = OCIRegistryService(config)
+    CacheService(cache, api, config, reactor).setServiceParent(service)
     TimerService(_PULL_FLUSH_SECONDS, _flush_pulls, index).setServiceParent(service)
+    TimerService(_METRICS_REFRESH_SECONDS, _refresh_metrics, metrics, index).setServiceParent(service)
     for description in config.listen:
         factory = site if description.startswith("ssl:") else plain_http(site)
         StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(service)
-    log.info(
-        "ociregistry {version} serving {image_path} on {listen} (default upstream {default_ns}; "
-        "{swept} unfinished downloads swept)",
-        version=__version__, image_path=config.image_path, listen=", ".join(config.listen),
-        default_ns=config.default_ns, swept=swept,
-    )
+    if config.server_tls is not None:
+        tls = ServerTLS(config.server_tls)
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
+        for description in config.tls_listen:
+            factory = TLSMemoryBIOFactory(tls, False, site)
+            StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(service)
+    for description, name, resource in [(config.health_listen, b"health", Health(cache.health)),
+                                        (config.metrics_listen, b"metrics", metrics.resource())]:
+        if description is not None:
+            own = plain_http(Site(Root({name: resource})))
+            StreamServerEndpointService(serverFromString(reactor, description), own).setServiceParent(service)
+    if swept:
+        log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)
     return service
 
 
@@ -266,3 +436,10 @@ def _flush_pulls(index: Index) -> None:
         index.flush_pulls()
     except Exception:
         log.failure("Could not record pull times")
+
+
+def _refresh_metrics(metrics: Metrics, index: Index) -> None:
+    try:
+        metrics.refresh(index)
+    except Exception:
+        log.failure("Could not refresh the cache size metrics")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -41,6 +42,7 @@ from ociregistry.credentials import Credentials
 from ociregistry.errors import OCIError
 from ociregistry.grammar import DOCKER_HUB
 from ociregistry.inflight import InFlight
+from ociregistry.metrics import Metrics
 
 log = Logger()
 
@@ -223,7 +225,9 @@ class Upstream:
         retries: int = 2,
         backoff: float = 0.5,
         max_manifest_size: int = 8 * 1024 * 1024,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._clock = reactor
         self._registries = tuple(registries)
         self._allowlist = allowlist
@@ -383,13 +387,16 @@ class Upstream:
         """
         for attempt in range(self._retries + 1):
             last = attempt == self._retries or self._closed
+            started = time.monotonic()
             try:
                 response = await self._guard(registry, self._follow(registry, method, url, headers))
             except OCIError as e:
+                self._observe(registry, "error", started)
                 if last or e.status not in (502, 504):
                     raise
                 log.info("Retrying {method} {url}: {why}", method=method, url=url, why=e.message)
             else:
+                self._observe(registry, str(response.code), started)
                 if last or response.code not in _RETRY_STATUSES:
                     return response
                 await discard(response)
@@ -401,6 +408,9 @@ class Upstream:
             finally:
                 self._pauses.discard(pause)
         raise AssertionError("unreachable")
+
+    def _observe(self, registry: str, outcome: str, started: float) -> None:
+        self._metrics.upstream_requests.labels(registry, outcome).observe(time.monotonic() - started)
 
     async def _authorization(self, registry: str, scope: str) -> bytes | None:
         static = self._credentials.token(registry)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+import time
+from typing import Any, Callable
 from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -19,8 +20,9 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from ociregistry.cache import Cache
-from ociregistry.downloads import BlobSource
+from ociregistry.downloads import BlobSource, StoredBlob
 from ociregistry.errors import OCIError, unsupported
+from ociregistry.metrics import Metrics
 from ociregistry.grammar import Route, Upstream, check_digest, check_reference, parse_path, resolve_upstream
 
 log = Logger()
@@ -67,9 +69,13 @@ def _unsatisfiable(size: int) -> OCIError:
 class BlobSender:
     """Streams part of a blob to a client with backpressure, waiting for bytes in flight."""
 
-    def __init__(self, request: Request, source: BlobSource, start: int, end: int | None) -> None:
+    def __init__(
+        self, request: Request, source: BlobSource, start: int, end: int | None, metrics: Metrics
+    ) -> None:
         self._request = request
         self._source = source
+        self._metrics = metrics
+        self._from = "cache" if isinstance(source, StoredBlob) else "upstream"
         self._fd = source.open()
         self._position = start
         self._end = end
@@ -79,6 +85,8 @@ class BlobSender:
 
     def start(self) -> None:
         """Begin sending; the sender finishes the request itself."""
+        if self._from == "upstream":
+            self._metrics.waiters.inc()
         self._request.registerProducer(self, True)
         self._pump()
 
@@ -102,6 +110,7 @@ class BlobSender:
                 self._failed(Failure(OSError(f"blob file of {self._source.digest} is shorter than recorded")))
                 return
             self._position += len(data)
+            self._metrics.bytes_served.labels(self._from).inc(len(data))
             self._request.write(data)
 
     def _complete(self) -> bool:
@@ -136,6 +145,8 @@ class BlobSender:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            if self._from == "upstream":
+                self._metrics.waiters.dec()
         self._stopped = True
 
     def pauseProducing(self) -> None:
@@ -157,27 +168,55 @@ class RegistryAPI(Resource):
 
     isLeaf = True
 
-    def __init__(self, cache: Cache, default_ns: str) -> None:
+    def __init__(self, cache: Cache, default_ns: str, metrics: Metrics) -> None:
         super().__init__()
         self._cache = cache
         self._default_ns = default_ns
+        self._metrics = metrics
+        self.active = 0
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: Any) -> Any:
+        request.started = time.monotonic()
+        request.route = "other"
+        self.active += 1
         work = Deferred.fromCoroutine(self._respond(request))
         work.addErrback(self._unexpected, request)
-        request.notifyFinish().addErrback(lambda _: work.cancel())
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: work.cancel())
+        finished.addBoth(self._finished, request)
         return NOT_DONE_YET
+
+    def _finished(self, _: object, request: Any) -> None:
+        self.active -= 1
+        status = request.code
+        self._metrics.requests.labels(request.route, str(status)).observe(time.monotonic() - request.started)
+        if status >= 400:
+            self._metrics.api_errors.inc()
+        elif request.route == "manifest":
+            self._metrics.manifest_pulls.inc()
+        elif request.route == "blob":
+            self._metrics.blob_pulls.inc()
+
+    def _source(self, request: Any, where: Upstream, source: str) -> None:
+        """Note where a pull was served from, for the access log and metrics."""
+        request.cache_status = source
+        if source == "miss":
+            self._metrics.upstream_pull(where.registry)
+        else:
+            self._metrics.cached_pulls.labels(where.registry).inc()
 
     async def _respond(self, request: Any) -> None:
         request.setHeader(*_API_VERSION)
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
         if segments in ([], [""]):
+            request.route = "base"
             if request.method not in (b"GET", b"HEAD"):
                 raise unsupported("the pull API has no such method here")
             _send_bytes(request, b"{}", b"application/json")
             return
         try:
             route = parse_path(segments)
+            request.route = route.kind.rstrip("s")
             if request.method not in (b"GET", b"HEAD"):
                 raise unsupported("this registry is a pull-only mirror: push and delete are not supported")
             namespace = _first(request.args.get(b"ns")) or (request.getHeader(b"x-registry") or b"").decode("latin-1")
@@ -195,7 +234,8 @@ class RegistryAPI(Resource):
 
     async def _manifest(self, request: Any, route: Route, where: Upstream) -> None:
         check_reference(route.reference)
-        record, content = await self._cache.manifest(where, route.reference)
+        record, content, source = await self._cache.manifest(where, route.reference)
+        self._source(request, where, source)
         request.setHeader(b"Docker-Content-Digest", record.digest.encode("ascii"))
         request.setHeader(b"ETag", f'"{record.digest}"'.encode("ascii"))
         _send_bytes(request, content, record.media_type.encode("ascii"))
@@ -213,6 +253,7 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await self._cache.blob(where, digest)
+        self._source(request, where, "hit" if isinstance(source, StoredBlob) else "miss")
         size = source.size
         header = request.getHeader(b"range")
         wanted = parse_range(header.decode("latin-1"), size) if header and size is not None else None
@@ -227,7 +268,7 @@ class RegistryAPI(Resource):
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode("ascii"))
             request.setHeader(b"Content-Length", str(end - start).encode("ascii"))
-        BlobSender(request, source, start, end).start()
+        BlobSender(request, source, start, end, self._metrics).start()
 
     async def _tags(self, request: Any, route: Route, where: Upstream) -> None:
         query = {}
@@ -304,17 +345,39 @@ def plain_http(site: Site) -> WrappingFactory:
 
 
 class Root(Resource):
-    """The site root: /v2 and nothing else."""
+    """The site root: /v2, and /health and /metrics where they are served."""
 
-    def __init__(self, api: RegistryAPI) -> None:
+    def __init__(self, children: dict[bytes, Resource]) -> None:
         super().__init__()
-        self.putChild(b"v2", api)
+        for name, child in children.items():
+            self.putChild(name, child)
 
     def getChild(self, path: bytes, request: IRequest) -> Resource:
         return _NotFound()
 
     def render(self, request: IRequest) -> bytes:
         return _NotFound().render(request)
+
+
+class Health(Resource):
+    """200 when the cache can be read and written, 503 with the reason otherwise."""
+
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], str | None]) -> None:
+        super().__init__()
+        self._check = check
+
+    def render_GET(self, request: Any) -> bytes:
+        problem = self._check()
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        if problem is not None:
+            request.setResponseCode(503)
+            return json.dumps({"status": "unhealthy", "problem": problem}).encode("utf-8")
+        return b'{"status": "ok"}'
+
+    render_HEAD = render_GET
 
 
 class _NotFound(Resource):

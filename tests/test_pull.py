@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from ociregistry.config import RegistrySettings
+from ociregistry.metrics import Metrics
 from ociregistry.tap import ServerConfig, make_site, open_cache
 from tests.fakes import OCI_INDEX, Behaviour, FakeRegistry, TokenRealm, digest_of, listen, make_image, make_index, wait
 
@@ -42,9 +43,11 @@ class ServerTestCase(TestCase):
             *settings.get("registries", ()),
         )
         self.config = ServerConfig(**settings)
-        self.cache, self.index, _ = open_cache(self.config, reactor)
+        self.metrics = Metrics()
+        self.cache, self.index, _ = open_cache(self.config, reactor, self.metrics)
         self.addCleanup(lambda: Deferred.fromCoroutine(self.close_cache()))
-        port, ours = await listen(make_site(self.cache, self.config).resource)
+        site, self.api = make_site(self.cache, self.config, self.metrics)
+        port, ours = await listen(site.resource)
         self.addCleanup(ours.stopListening)
         self.base = f"http://127.0.0.1:{port}"
         pool = HTTPConnectionPool(reactor)
