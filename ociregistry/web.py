@@ -179,9 +179,11 @@ class RegistryAPI(Resource):
         request.started = time.monotonic()
         request.route = "other"
         self.active += 1
+        # Asked for before the work starts: a cached answer finishes synchronously,
+        # and a request that has finished never fires a later notifyFinish.
+        finished = request.notifyFinish()
         work = Deferred.fromCoroutine(self._respond(request))
         work.addErrback(self._unexpected, request)
-        finished = request.notifyFinish()
         finished.addErrback(lambda _: work.cancel())
         finished.addBoth(self._finished, request)
         return NOT_DONE_YET

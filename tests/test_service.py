@@ -1,0 +1,168 @@
+"""Running for years: HTTPS to clients, /health, /metrics, SIGTERM and SIGHUP, under twistd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import time
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import TestCase
+
+from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image, wait
+from tests.realparts import (
+    SkopeoError,
+    WebClient,
+    build_oci_index,
+    free_port,
+    http_request,
+    make_ca,
+    push,
+    skopeo_copy_all,
+    start_registry,
+    start_server,
+)
+from tests.test_integration import Puller
+
+
+class ServiceTests(TestCase):
+    """The server as an operator runs it."""
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.base, name)
+
+    def config(self, registries: list[dict[str, Any]]) -> str:
+        config = self.path("config.yaml")
+        with open(config, "w") as f:
+            yaml.safe_dump({"registries": registries}, f)
+        return config
+
+    async def test_https_and_client_certificates(self) -> None:
+        """skopeo pulls over HTTPS with the test CA; with clientAuth verify, only a client with a certificate may."""
+        registry = await start_registry(self.path("registry"), test=self)
+        image = build_oci_index(self.path("image"), platforms=[("linux", "amd64")], layer_sizes=(300,))
+        await push(image, registry, "app", "v1")
+        ca = make_ca(self.path("ca"), "mirror")
+        cert, key = ca.issue_server("127.0.0.1")
+        tls_port = free_port()
+        server = await start_server(self.path("cache"), test=self, args=(
+            "--config-file", self.config([{"name": registry.host, "scheme": "http"}]), "--default-ns", registry.host,
+            "--tls-cert", cert, "--tls-key", key, "--tls-port", str(tls_port)))
+        trusted = ca.cert_dir(self.path("trust"))
+        pulled = await skopeo_copy_all(f"127.0.0.1:{tls_port}/app:v1", self.path("pulled"), src_tls_verify=True,
+                                       cert_dir=trusted)
+        self.assertEqual((pulled.digest, pulled.blobs), (image.digest, image.blobs))
+        self.assertIn("TLS: server certificate", server.log_text())
+
+        await server.stop()
+        server.args += ["--tls-ca", ca.cert_path, "--tls-client-auth", "verify"]
+        await server.start()
+        with self.assertRaises(SkopeoError):
+            await skopeo_copy_all(f"127.0.0.1:{tls_port}/app:v1", self.path("refused"), src_tls_verify=True,
+                                  cert_dir=trusted)
+        with_client = ca.cert_dir(self.path("mtls"), client="node-1")
+        pulled = await skopeo_copy_all(f"127.0.0.1:{tls_port}/app:v1", self.path("accepted"), src_tls_verify=True,
+                                       cert_dir=with_client)
+        self.assertEqual(pulled.digest, image.digest)
+
+    async def test_metrics_and_health(self) -> None:
+        """After a scripted pull /metrics counts it; /health turns 503 when the image path cannot be written."""
+        registry = await start_registry(self.path("registry"), test=self)
+        image = build_oci_index(self.path("image"), platforms=[("linux", "amd64")], layer_sizes=(300, 400))
+        await push(image, registry, "app", "v1")
+        server = await start_server(self.path("cache"), test=self, args=(
+            "--config-file", self.config([{"name": registry.host, "scheme": "http"}])))
+        puller = Puller(self, server)
+        await puller.pull(registry.host, "app", "v1")
+        await puller.pull(registry.host, "app", "v1")
+        response, body = await http_request("GET", server.url + "/metrics")
+        self.assertEqual(response.code, 200)
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        blobs = len(image.blobs)
+        # Each pull: HEAD of the tag, GET of the index, GET of the platform manifest, GET of each blob.
+        self.assertEqual(samples[("ociregistry_manifest_pulls_total", ())], 6)
+        self.assertEqual(samples[("ociregistry_blob_pulls_total", ())], 2 * blobs)
+        self.assertEqual(samples[("ociregistry_api_errors_total", ())], 0)
+        ns = (("ns", registry.host),)
+        cached = samples[("ociregistry_cached_pulls_by_ns_total", ns)]
+        upstream = samples[("ociregistry_upstream_pulls_by_ns", ns)]
+        self.assertEqual(cached + upstream, 6 + 2 * blobs)
+        # The second pull is all cache hits; the first fetched at least the tag and the platform manifest.
+        self.assertGreaterEqual(cached, 3 + blobs)
+        self.assertGreaterEqual(upstream, 2)
+        self.assertGreaterEqual(samples[("ociregistry_bytes_fetched_total", (("registry", registry.host),))],
+                                sum(image.blobs.values()))
+        self.assertEqual(samples[("ociregistry_downloads_in_flight", ())], 0)
+
+        response, body = await http_request("GET", server.url + "/health")
+        self.assertEqual((response.code, json.loads(body)["status"]), (200, "ok"))
+        tmp = os.path.join(server.image_path, "tmp")
+        shutil.rmtree(tmp)
+        with open(tmp, "w") as f:
+            f.write("not a directory")
+        response, body = await http_request("GET", server.url + "/health")
+        self.assertEqual(response.code, 503)
+        self.assertIn("not writable", json.loads(body)["problem"])
+        os.unlink(tmp)
+        os.makedirs(tmp)
+        response, _ = await http_request("GET", server.url + "/health")
+        self.assertEqual(response.code, 200)
+
+    async def test_sigterm_during_download(self) -> None:
+        """SIGTERM mid-download: exit within the grace period, a sound index, no temporary file, committed data kept."""
+        upstream = FakeRegistry()
+        port, listening = await listen(upstream)
+        self.addCleanup(listening.stopListening)
+        registry = f"127.0.0.1:{port}"
+        image = make_image(b"small layer")
+        upstream.add_image("app", "v1", image)
+        big = os.urandom(8 * 1024 * 1024)
+        upstream.blobs[digest_of(big)] = big
+        upstream.behaviour[digest_of(big)] = Behaviour(chunk=64 * 1024, delay=0.05)
+        server = await start_server(self.path("cache"), test=self, args=(
+            "--config-file", self.config([{"name": registry, "scheme": "http"}]), "--shutdown-grace", "2"))
+        web = WebClient()
+        self.addCleanup(web.close)
+        response = await web.client.get(f"{server.url}/v2/app/manifests/v1?ns={registry}")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        for digest in image.blobs:
+            response = await web.client.get(f"{server.url}/v2/app/blobs/{digest}?ns={registry}")
+            await response.content()
+        slow = web.client.get(f"{server.url}/v2/app/blobs/{digest_of(big)}?ns={registry}")
+        await wait(1.0)
+        started = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        while server.running and time.monotonic() - started < 10:
+            await wait(0.05)
+        self.assertLess(time.monotonic() - started, 4.0)
+        self.assertFalse(server.running)
+        try:
+            await slow
+        except Exception:
+            pass
+        self.assertEqual(os.listdir(os.path.join(server.image_path, "tmp")), [])
+        db = sqlite3.connect(os.path.join(server.image_path, "index.db"))
+        self.assertEqual(db.execute("PRAGMA integrity_check").fetchone(), ("ok",))
+        self.assertIsNone(db.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest_of(big),)).fetchone())
+        db.close()
+        await listening.stopListening()
+        await server.start()
+        for digest, content in image.blobs.items():
+            response = await web.client.get(f"{server.url}/v2/app/blobs/{digest}?ns={registry}")
+            self.assertEqual(await response.content(), content)
+        response = await web.client.get(f"{server.url}/v2/app/manifests/v1?ns={registry}")
+        self.assertEqual(await response.content(), image.manifest)
+        self.assertIn("Shutting down with", server.log_text())
