@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ociregistry.errors import digest_invalid, name_invalid, not_found, OCIError
+from ociregistry.errors import OCIError, digest_invalid, name_invalid, not_found, unsupported
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
@@ -99,6 +99,8 @@ def parse_path(segments: list[str]) -> Route:
     The name may contain any number of components, so the endpoint is read
     from the end of the path, as the spec's grammar is anchored there.
     """
+    if "uploads" in segments[-3:] and "blobs" in segments[-4:]:
+        raise unsupported("this registry is a pull-only mirror: uploads are not supported")
     if len(segments) >= 3 and segments[-2:] == ["tags", "list"]:
         return Route("tags", "/".join(segments[:-2]), "")
     if len(segments) >= 3 and segments[-2] in ("manifests", "blobs"):

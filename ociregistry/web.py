@@ -210,17 +210,15 @@ class RegistryAPI(Resource):
     async def _respond(self, request: Any) -> None:
         request.setHeader(*_API_VERSION)
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
-        if segments in ([], [""]):
-            request.route = "base"
-            if request.method not in (b"GET", b"HEAD"):
-                raise unsupported("the pull API has no such method here")
-            _send_bytes(request, b"{}", b"application/json")
-            return
         try:
-            route = parse_path(segments)
-            request.route = route.kind.rstrip("s")
             if request.method not in (b"GET", b"HEAD"):
                 raise unsupported("this registry is a pull-only mirror: push and delete are not supported")
+            if segments in ([], [""]):
+                request.route = "base"
+                _send_bytes(request, b"{}", b"application/json")
+                return
+            route = parse_path(segments)
+            request.route = route.kind.rstrip("s")
             namespace = _first(request.args.get(b"ns")) or (request.getHeader(b"x-registry") or b"").decode("latin-1")
             where = resolve_upstream(route.name, namespace.strip() or None, self._default_ns)
             if namespace:

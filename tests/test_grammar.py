@@ -78,7 +78,14 @@ class ParsePathTests(SynchronousTestCase):
 
     def test_unknown(self) -> None:
         """Anything else is a 404 with an OCI error."""
-        for path in ["a", "a/b", "_catalog", "a/blobs/uploads/", "a/referrers/x/y"]:
+        for path in ["a", "a/b", "_catalog", "a/referrers/x/y"]:
             with self.assertRaises(OCIError) as caught:
                 parse_path(path.split("/"))
             self.assertEqual(caught.exception.status, 404, path)
+
+    def test_uploads(self) -> None:
+        """Upload endpoints are 405 UNSUPPORTED: this is a pull-only registry."""
+        for path in ["a/blobs/uploads/", "a/b/blobs/uploads/1234", "a/blobs/uploads"]:
+            with self.assertRaises(OCIError) as caught:
+                parse_path(path.split("/"))
+            self.assertEqual((caught.exception.status, caught.exception.code), (405, "UNSUPPORTED"), path)
