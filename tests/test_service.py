@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image, wait
@@ -166,3 +167,53 @@ class ServiceTests(TestCase):
         response = await web.client.get(f"{server.url}/v2/app/manifests/v1?ns={registry}")
         self.assertEqual(await response.content(), image.manifest)
         self.assertIn("Shutting down with", server.log_text())
+
+
+class OperationsTests(TestCase):
+    """Logs for machines, and certificates renewed without a restart."""
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+
+    async def test_json_log_and_level(self) -> None:
+        """--log-format json writes one JSON event per line; --log-level warn leaves the info events out."""
+        server = await start_server(os.path.join(self.base, "cache"), test=self, args=("--log-format", "json"))
+        await http_request("GET", server.url + "/v2/")
+        await server.stop()
+        events = [json.loads(line.strip("\x1e")) for line in server.log_text().splitlines() if line.strip("\x1e ")]
+        texts = [formatEvent(event) for event in events]
+        self.assertTrue([t for t in texts if "GET /v2/ 200" in t], "the access line is logged at info")
+        self.assertTrue([t for t in texts if "image path" in t], "the banner is logged at info")
+        before = len(server.log_text())
+        server.args = ["--log-level", "warn"]
+        await server.start()
+        await http_request("GET", server.url + "/v2/")
+        await server.stop()
+        self.assertNotIn("GET /v2/ 200", server.log_text()[before:])
+
+    async def test_sighup_reloads_certificates(self) -> None:
+        """After the certificate files change, SIGHUP makes new connections use the new certificate."""
+        first, second = make_ca(os.path.join(self.base, "ca1"), "one"), make_ca(os.path.join(self.base, "ca2"), "two")
+        cert, key = first.issue_server("127.0.0.1")
+        live_cert, live_key = os.path.join(self.base, "server.crt"), os.path.join(self.base, "server.key")
+        shutil.copyfile(cert, live_cert)
+        shutil.copyfile(key, live_key)
+        tls_port = free_port()
+        server = await start_server(os.path.join(self.base, "cache"), test=self, args=(
+            "--tls-cert", live_cert, "--tls-key", live_key, "--tls-port", str(tls_port)))
+        url = f"https://127.0.0.1:{tls_port}/v2/"
+        trust_first = first.cert_dir(os.path.join(self.base, "trust1"))
+        trust_second = second.cert_dir(os.path.join(self.base, "trust2"))
+        response, _ = await http_request("GET", url, cert_dir=trust_first)
+        self.assertEqual(response.code, 200)
+        cert, key = second.issue_server("127.0.0.1")
+        shutil.copyfile(cert, live_cert)
+        shutil.copyfile(key, live_key)
+        os.kill(server.pid, signal.SIGHUP)
+        await wait(0.5)
+        response, _ = await http_request("GET", url, cert_dir=trust_second)
+        self.assertEqual(response.code, 200)
+        with self.assertRaises(Exception):
+            await http_request("GET", url, cert_dir=trust_first)
+        self.assertIn("Reloaded TLS certificates", server.log_text())
