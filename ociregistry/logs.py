@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import IO, Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEventAsClassicLogText,
     jsonFileLogObserver,
-    textFileLogObserver,
 )
 
 LEVELS = {"error": LogLevel.error, "warn": LogLevel.warn, "info": LogLevel.info, "debug": LogLevel.debug}
 
 
+_DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b|\b(sha512:[0-9a-f]{12})[0-9a-f]{116}\b")
+
+
+def short_digests(text: str) -> str:
+    """Shorten the digests in a human line to their first 12 hex digits."""
+    return _DIGEST.sub(lambda m: (m.group(1) or m.group(2)) + "...", text)
+
+
 def observer(level: str, path: str | None, json_format: bool) -> ILogObserver:
-    """Log events at ``level`` and above, as text or JSON lines, to a file or standard output."""
+    """Log events at ``level`` and above, as text or JSON lines, to a file or standard output.
+
+    Human lines carry shortened digests; JSON events keep them whole.
+    """
     stream: IO[Any] = open(path, "a", encoding="utf-8") if path else sys.stdout
-    target = jsonFileLogObserver(stream) if json_format else textFileLogObserver(stream)
+    if json_format:
+        target: ILogObserver = jsonFileLogObserver(stream)
+    else:
+        target = FileLogObserver(stream, lambda event: short_digests(formatEventAsClassicLogText(event) or ""))
     return FilteringLogObserver(target, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 
