@@ -207,12 +207,13 @@ class Cache:
             if manifest is None:
                 return None
             size = manifest.size
-        path = self._store.path_for(digest)
-        if not os.path.exists(path):
+        try:
+            fd = os.open(self._store.path_for(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
             log.warn("Cached blob {digest} is missing on disk; fetching it again", digest=digest)
             self._index.forget_blob(digest)
             return None
-        return StoredBlob(digest, size, path)
+        return StoredBlob(digest, size, fd)
 
     async def blob(self, where: Where, digest: str) -> BlobSource:
         """A blob to stream: on disk, or a download (joined or started) that has begun."""

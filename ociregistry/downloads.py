@@ -45,17 +45,27 @@ class BlobSource:
         """
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what ``open`` would have handed over, when nothing is sent."""
+
 
 class StoredBlob(BlobSource):
-    """A verified blob on disk."""
+    """A verified blob on disk, opened already: a prune cannot take it away any more."""
 
-    def __init__(self, digest: str, size: int, path: str) -> None:
+    def __init__(self, digest: str, size: int, fd: int) -> None:
         self.digest = digest
         self.size = size
-        self._path = path
+        self._fd: int | None = fd
 
     def open(self) -> int:
-        return os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, self._fd = self._fd, None
+        assert fd is not None, "a stored blob is sent once"
+        return fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def available(self) -> int:
         return self.size

@@ -258,6 +258,7 @@ class RegistryAPI(Resource):
         header = request.getHeader(b"range")
         wanted = parse_range(header.decode("latin-1"), size) if header and size is not None else None
         if isinstance(wanted, OCIError):
+            source.close()
             raise wanted
         if wanted is None:
             start, end = 0, size
