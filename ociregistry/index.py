@@ -15,7 +15,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable
+from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -225,28 +225,40 @@ class Index:
         return _Transaction(self._db)
 
     @classmethod
+    def _on(cls, db: sqlite3.Connection, clock: IReactorTime) -> "Index":
+        """An index over an open connection, as it is (no migration)."""
+        index = cls.__new__(cls)
+        index._clock = clock
+        index._pulls = {}
+        index._db = db
+        return index
+
+    @classmethod
     def read_only(cls, path: str, clock: IReactorTime) -> "Index":
         """Open an existing index for reading only, so that it works on a read-only image path."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no cache index at {path}")
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        index = cls.__new__(cls)
-        index._clock = clock
-        index._pulls = {}
-        index._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
-            (version,) = index._db.execute("PRAGMA user_version").fetchone()
+            (version,) = db.execute("PRAGMA user_version").fetchone()
         except sqlite3.OperationalError:
             # A WAL database in a directory we cannot write: nobody can be writing it either.
-            index._db.close()
-            index._db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None,
-                                        check_same_thread=False)
-            (version,) = index._db.execute("PRAGMA user_version").fetchone()
+            db.close()
+            db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+            (version,) = db.execute("PRAGMA user_version").fetchone()
         if version < migrations()[-1][0]:
-            index._db.close()
+            db.close()
             raise sqlite3.OperationalError(
                 f"{path} has schema version {version}; open it writable once to upgrade it")
-        return index
+        return cls._on(db, clock)
+
+    def snapshot(self) -> "Index":
+        """An in-memory copy of the index, to work out changes without touching the cache."""
+        copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._db.backup(copy)
+        copy.execute("PRAGMA foreign_keys=ON")
+        return Index._on(copy, self._clock)
 
     def cached_images(self, every_manifest: bool = False) -> list["CachedImage"]:
         """Every image as users name it: each tag, and each top-level manifest cached only by digest.
@@ -296,47 +308,84 @@ class Index:
         return int(size)
 
     def remove_images(self, images: Iterable["CachedImage"], fit: int | None = None,
-                      dry_run: bool = False) -> "Removal":
-        """Untag images and drop what nothing else uses, in one transaction; then unreferenced blobs.
+                      unlink: Callable[[str], None] = lambda digest: None, batch: int = 100) -> "Removal":
+        """Untag images, drop the manifests and blobs nothing else uses, then every unreferenced blob.
 
-        With ``fit``, stops once the cache is no larger than that many bytes.  A
-        dry run works out exactly the same removal and rolls it back.
+        With ``fit``, stops once the cache is no larger than that many bytes.
+        Works in transactions of ``batch`` images, so a server sharing the
+        index waits for at most one of them.  ``unlink`` removes the file of
+        each dropped digest inside its transaction: until the commit no other
+        process can record that digest again, so a file fetched anew is never
+        removed.
         """
+        pending = list(images)
         removed: list[CachedImage] = []
         manifests: dict[str, int] = {}
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for image in images:
-                if fit is not None and self.cache_size() <= fit:
-                    break
-                if image.tag is not None:
-                    self._db.execute(
-                        "DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
-                        (image.registry, image.repository, image.tag))
-                self._drop_unused(image.digest, manifests)
-                removed.append(image)
-            blobs = dict(self._db.execute("SELECT digest, size FROM blobs_unreferenced"))
-            self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in blobs])
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("ROLLBACK" if dry_run else "COMMIT")
-        return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
+        blobs: dict[str, int] = {}
+        size = self.cache_size() if fit is not None else 0
+        while True:
+            with self._transaction():
+                for image in pending[:batch]:
+                    if fit is not None and size <= fit:
+                        break
+                    size -= self._remove_image(image, manifests, blobs, unlink)
+                    removed.append(image)
+                pending = pending[batch:]
+                if not pending or (fit is not None and size <= fit):
+                    orphans = dict(self._db.execute("SELECT digest, size FROM blobs_unreferenced"))
+                    self._drop_blobs(orphans, blobs, unlink)
+                    return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
 
-    def _drop_unused(self, digest: str, dropped: dict[str, int]) -> None:
-        """Delete a manifest no tag or cached index uses, then its platform manifests likewise."""
-        used = self._db.execute(
+    def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
+                      unlink: Callable[[str], None]) -> int:
+        """Untag one image and drop what only it used; returns the bytes freed."""
+        if image.tag is not None:
+            self._db.execute("DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
+                             (image.registry, image.repository, image.tag))
+        dropped: dict[str, int] = {}
+        used: set[str] = set()
+        self._drop_unused(image.digest, dropped, used)
+        freed = {}
+        for blob in sorted(used):
+            size = None if blob in blobs else self.blob_size(blob)
+            if size is not None and not self._db.execute(
+                    "SELECT 1 FROM manifest_refs WHERE child = ? AND kind IN ('config', 'layer') LIMIT 1",
+                    (blob,)).fetchone():
+                freed[blob] = size
+        self._drop_blobs(freed, blobs, unlink)
+        for digest in dropped:
+            if self.blob_size(digest) is None:
+                unlink(digest)
+        manifests.update(dropped)
+        return sum(dropped.values()) + sum(freed.values())
+
+    def _drop_blobs(self, found: dict[str, int], blobs: dict[str, int], unlink: Callable[[str], None]) -> None:
+        """Delete blob rows and their files (unless the digest is also a cached manifest)."""
+        self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(digest,) for digest in found])
+        for digest in found:
+            if self.manifest(digest) is None:
+                unlink(digest)
+        blobs.update(found)
+
+    def _drop_unused(self, digest: str, dropped: dict[str, int], used: set[str]) -> None:
+        """Delete a manifest no tag or cached index uses, then its platform manifests likewise.
+
+        Collects the dropped manifests' sizes and the blobs they used.
+        """
+        in_use = self._db.execute(
             "SELECT 1 FROM tags WHERE digest = ?"
             " UNION ALL SELECT 1 FROM manifest_refs WHERE child = ? AND kind = 'manifest' LIMIT 1",
             (digest, digest)).fetchone()
         record = self.manifest(digest)
-        if used or record is None:
+        if in_use or record is None:
             return
-        platforms = [r.child for r in self.references(digest) if r.kind == "manifest"]
+        references = self.references(digest)
         self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
         dropped[digest] = record.size
-        for child in platforms:
-            self._drop_unused(child, dropped)
+        used.update(r.child for r in references if r.kind != "manifest")
+        for reference in references:
+            if reference.kind == "manifest":
+                self._drop_unused(reference.child, dropped, used)
 
     def blob_refcounts(self, substring: str = "") -> list[tuple[str, int, int]]:
         """Cached blobs whose digest contains ``substring``: (digest, size, reference count)."""

@@ -28,11 +28,13 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from ociregistry import __version__, logs
+from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
 from ociregistry.allowlist import Allowlist, resolver
 from ociregistry.cache import Cache, Freshness
 from ociregistry.config import (
     ConfigError,
     FileSettings,
+    PruneSettings,
     RegistrySettings,
     ServerTLSSettings,
     load_config_file,
@@ -44,6 +46,8 @@ from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
 from ociregistry.index import Index
+from ociregistry.load import host_platform, make_preload_service
+from ociregistry.prune import make_prune_service
 from ociregistry.store import BlobStore
 from ociregistry.upstream import Upstream
 from ociregistry.logs import LEVELS
@@ -82,6 +86,12 @@ class ServerConfig:
     log_file: str | None = None
     log_json: bool = False
     shutdown_grace: float = 10.0
+    admin_listen: str = DEFAULT_LISTEN
+    admin_token: str | None = None
+    preload_images: str | None = None
+    os: str | None = None
+    arch: str | None = None
+    prune: PruneSettings | None = None
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data, secrets masked, for --print-config."""
@@ -90,6 +100,7 @@ class ServerConfig:
         shown["listen"] = list(self.listen)
         shown["allow_upstreams"] = list(self.allow_upstreams)
         shown["tls_listen"] = list(self.tls_listen)
+        shown["admin_token"] = None if self.admin_token is None else "***"
         return shown
 
 
@@ -118,6 +129,13 @@ class Options(usage.Options):
         ["tag-ttl", None, None, "How long a cached tag is served before one upstream HEAD rechecks it: "
          "a duration (300s, 5m), 0 to always check, or 'never' [default: 5m]."],
         ["max-manifest-size", None, None, "Largest manifest accepted from upstream [default: 8MiB]."],
+        ["admin-listen", None, None, "Where the admin API (/cmd/...) listens: a Twisted endpoint string, or "
+         f"'none' [default: {DEFAULT_LISTEN}]."],
+        ["admin-token-file", None, None, "A file whose first line admin API requests must send as "
+         "'Authorization: Bearer <token>'."],
+        ["preload-images", None, None, "An image list or tarball to load into the cache before listening."],
+        ["os", None, None, "Operating system of the images --preload-images takes from indexes [default: linux]."],
+        ["arch", None, None, "Architecture of the images --preload-images takes [default: this machine's]."],
         ["tls-cert", None, None, "Serve HTTPS with this certificate (PEM) [serverTlsConfig.cert]."],
         ["tls-key", None, None, "The certificate's private key (PEM) [serverTlsConfig.key]."],
         ["tls-ca", None, None, "CA for client certificates [serverTlsConfig.ca]."],
@@ -258,6 +276,18 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         raise usage.UsageError(f"--max-manifest-size: {e}")
     if max_manifest_size < 4 * 1024 * 1024:
         raise usage.UsageError("--max-manifest-size: must be at least 4MiB")
+    admin_listen = options["admin-listen"] or DEFAULT_LISTEN
+    if admin_listen != "none":
+        try:
+            serverFromString(reactor, admin_listen)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--admin-listen: invalid endpoint {admin_listen!r}: {e}")
+    admin_token = None
+    if options["admin-token-file"]:
+        try:
+            admin_token = read_token(options["admin-token-file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--admin-token-file: {e}")
     server_tls = _server_tls(options, settings)
     tls_port = options["tls-port"]
     tls_listen: tuple[str, ...] = ()
@@ -297,6 +327,12 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         air_gapped=bool(options["air-gapped"] or settings.air_gapped),
         allow_upstreams=tuple(settings.allow_upstreams or ()),
         allow_any_upstream=bool(options["allow-any-upstream"]),
+        admin_listen=admin_listen,
+        admin_token=admin_token,
+        preload_images=_choose(options["preload-images"], settings.preload_images, None),
+        os=_choose(options["os"], settings.os, None),
+        arch=_choose(options["arch"], settings.arch, None),
+        prune=settings.prune,
     )
 
 
@@ -412,15 +448,25 @@ def makeService(options: Options) -> IService:
     CacheService(cache, api, config, reactor).setServiceParent(service)
     TimerService(_PULL_FLUSH_SECONDS, _flush_pulls, index).setServiceParent(service)
     TimerService(_METRICS_REFRESH_SECONDS, _refresh_metrics, metrics, index).setServiceParent(service)
+    listeners = service
+    if config.preload_images:
+        listeners = make_preload_service(cache, index, config.image_path, [config.preload_images],
+                                         host_platform(config.os, config.arch), config.default_ns, reactor)
+        listeners.setServiceParent(service)
     for description in config.listen:
         factory = site if description.startswith("ssl:") else plain_http(site)
-        StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(service)
+        StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(listeners)
+    if config.admin_listen != "none":
+        make_admin_service(index, config.image_path, config.admin_listen, reactor, reactor.stop,
+                           config.admin_token).setServiceParent(service)
+    if config.prune is not None and config.prune.enabled:
+        make_prune_service(config.prune, index, config.image_path, reactor).setServiceParent(service)
     if config.server_tls is not None:
         tls = ServerTLS(config.server_tls)
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
         for description in config.tls_listen:
             factory = TLSMemoryBIOFactory(tls, False, site)
-            StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(service)
+            StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(listeners)
     for description, name, resource in [(config.health_listen, b"health", Health(cache.health)),
                                         (config.metrics_listen, b"metrics", metrics.resource())]:
         if description is not None:

@@ -1,0 +1,218 @@
+"""The administrative HTTP API, on a listener of its own (loopback by default).
+
+The Go server's endpoints, parameters and text output, plus ``?format=json``:
+``GET /cmd/manifest/list``, ``GET /cmd/image/list``, ``GET /cmd/blob/list``,
+``DELETE /cmd/prune`` and ``GET /cmd/stop``.  With a token, every request
+must carry ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any, Callable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ociregistry.config import PruneSettings, parse_duration, parse_size
+from ociregistry.index import CachedImage, Index
+from ociregistry.manifests import IMAGE_TYPES
+from ociregistry.prune import criteria_for, describe_removal, local_time, parse_patterns, prune, removal_store
+from ociregistry.store import BlobStore
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:8081:interface=127.0.0.1"
+_DEFAULT_COUNT = 50
+
+
+class BadRequest(Exception):
+    """A parameter the API cannot use; the message says which."""
+
+
+def read_token(path: str) -> str:
+    """The admin bearer token: the first line of a file, which must not be empty."""
+    with open(path, encoding="utf-8") as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError(f"{path}: the token file is empty")
+    return token
+
+
+class AdminAPI(Resource):
+    """Everything under /cmd."""
+
+    isLeaf = True
+
+    def __init__(self, index: Index, store: BlobStore, clock: IReactorTime,
+                 stop: Callable[[], None], token: str | None = None) -> None:
+        super().__init__()
+        self._index = index
+        self._store = store
+        self._clock = clock
+        self._stop = stop
+        self._token = token
+        self._routes: dict[tuple[str, bytes], Callable[[dict[str, str]], tuple[str, Any]]] = {
+            ("manifest/list", b"GET"): self._manifest_list,
+            ("image/list", b"GET"): self._image_list,
+            ("blob/list", b"GET"): self._blob_list,
+            ("prune", b"DELETE"): self._prune,
+            ("stop", b"GET"): self._stop_server,
+        }
+
+    def render(self, request: Request) -> bytes:
+        """Check the token, route, and answer in text or JSON."""
+        if not self._authorized(request):
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="ociregistry-admin"')
+            return _answer(request, 401, "unauthorized\n")
+        path = "/".join(p.decode("utf-8", "replace") for p in request.postpath or []).strip("/")
+        method = request.method
+        if method == b"HEAD":
+            method = b"GET"
+        handler = self._routes.get((path, method))
+        if handler is None:
+            known = [m.decode() for (p, m) in self._routes if p == path]
+            if known:
+                request.setHeader(b"Allow", ", ".join(known).encode())
+                return _answer(request, 405, f"use {' or '.join(known)} for /cmd/{path}\n")
+            return _answer(request, 404, f"no such command: /cmd/{path}\n")
+        query = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+                 for k, v in (request.args or {}).items() if v}
+        try:
+            text, document = handler(query)
+        except BadRequest as e:
+            return _answer(request, 400, f"{e}\n")
+        if query.get("format") == "json":
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+        return _answer(request, 200, text)
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None:
+            return True
+        given = request.getHeader(b"authorization") or b""
+        return hmac.compare_digest(given, b"Bearer " + self._token.encode("utf-8"))
+
+    def _images(self, query: dict[str, str], every_manifest: bool) -> list[CachedImage]:
+        images = self._index.cached_images(every_manifest=every_manifest)
+        if "pattern" in query:
+            patterns = _parameter(parse_patterns, query["pattern"], "pattern")
+            images = [i for i in images if any(p.search(i.reference) for p in patterns)]
+        return images
+
+    def _manifest_list(self, query: dict[str, str]) -> tuple[str, Any]:
+        images = self._images(query, every_manifest=True)[:_count(query)]
+        if not images:
+            return "no manifests found\n", []
+        lines = ["URL DIGEST CREATED PULLED"]
+        lines += [f"{i.reference} {i.digest} {local_time(i.created)} {local_time(i.pulled)}" for i in images]
+        return "\n".join(lines) + "\n", [_image_document(i) for i in images]
+
+    def _image_list(self, query: dict[str, str]) -> tuple[str, Any]:
+        images = [i for i in self._images(query, every_manifest=True) if i.media_type in IMAGE_TYPES]
+        with_blobs = [(i, [r.child for r in self._index.references(i.digest) if r.kind != "manifest"])
+                      for i in images]
+        if "digest" in query:
+            with_blobs = [(i, blobs) for i, blobs in with_blobs if any(query["digest"] in b for b in blobs)]
+        with_blobs = with_blobs[:_count(query)]
+        if not with_blobs:
+            return "no manifests found\n", []
+        lines = ["URL DIGEST CREATED PULLED"]
+        for image, blobs in with_blobs:
+            lines.append(f"{image.reference} {image.digest} {local_time(image.created)} {local_time(image.pulled)}")
+            lines += [f"- {blob}" for blob in blobs]
+        return "\n".join(lines) + "\n", [{**_image_document(i), "blobs": b} for i, b in with_blobs]
+
+    def _blob_list(self, query: dict[str, str]) -> tuple[str, Any]:
+        blobs = self._index.blob_refcounts(query.get("substr", ""))[:_count(query)]
+        if not blobs:
+            return "no blobs found\n", []
+        lines = ["URL REFCNT"] + [f"{digest} {count}" for digest, _, count in blobs]
+        return "\n".join(lines) + "\n", [
+            {"digest": digest, "size": size, "refcount": count} for digest, size, count in blobs]
+
+    def _prune(self, query: dict[str, str]) -> tuple[str, Any]:
+        kind = query.get("type", "")
+        if kind not in ("accessed", "created", "pattern", "size"):
+            raise BadRequest("type must be accessed, created, pattern or size")
+        dry_run = query.get("dryRun", "true").lower() not in ("false", "0", "no")
+        settings = PruneSettings(
+            type=kind,
+            duration=_parameter(parse_duration, query["dur"], "dur") if "dur" in query else None,
+            expr=query.get("expr"),
+            max_size=_parameter(parse_size, query["maxSize"], "maxSize") if "maxSize" in query else None,
+            count=_count(query),
+            dry_run=dry_run,
+        )
+        try:
+            criteria = criteria_for(settings, self._clock.seconds())
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        self._index.flush_pulls()
+        removal = prune(self._index, self._store, criteria, dry_run)
+        lines = describe_removal(removal, dry_run)
+        for line in lines:
+            log.info("Admin prune ({type}): {line}", type=kind, line=line)
+        return "\n".join(lines) + "\n", {
+            "dryRun": dry_run,
+            "images": [i.reference for i in removal.images],
+            "manifests": [{"digest": d, "size": s} for d, s in removal.manifests],
+            "blobs": [{"digest": d, "size": s} for d, s in removal.blobs],
+            "bytes": removal.size,
+        }
+
+    def _stop_server(self, query: dict[str, str]) -> tuple[str, Any]:
+        log.info("Stopping, as the admin API was asked to")
+        self._clock.callLater(0, self._stop)
+        return "stopping\n", {"stopping": True}
+
+
+def _parameter(parse: Callable[[str], Any], value: str, name: str) -> Any:
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise BadRequest(f"{name}: {e}") from None
+
+
+def _count(query: dict[str, str]) -> int | None:
+    """The Go server's ``count``: 50 by default, -1 (None) for no limit."""
+    text = query.get("count", str(_DEFAULT_COUNT))
+    if not re.fullmatch(r"-1|[0-9]+", text):
+        raise BadRequest("count must be a number of items, or -1 for no limit")
+    return None if text == "-1" else int(text)
+
+
+def _image_document(image: CachedImage) -> dict[str, Any]:
+    return {"url": image.reference, "digest": image.digest, "mediaType": image.media_type,
+            "created": image.created, "pulled": image.pulled, "size": image.size}
+
+
+def _answer(request: Request, status: int, text: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return text.encode("utf-8")
+
+
+def admin_site(index: Index, image_path: str, clock: IReactorTime, stop: Callable[[], None],
+               token: str | None = None) -> Site:
+    """The admin web site: /cmd/..."""
+    root = Resource()
+    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token))
+    site = Site(root)
+    site.displayTracebacks = False
+    return site
+
+
+def make_admin_service(index: Index, image_path: str, listen: str, reactor: Any,
+                       stop: Callable[[], None], token: str | None = None) -> StreamServerEndpointService:
+    """The admin API listening where ``listen`` (a Twisted endpoint string) says."""
+    service = StreamServerEndpointService(
+        serverFromString(reactor, listen), admin_site(index, image_path, reactor, stop, token))
+    service.setName("admin")
+    return service

@@ -1,0 +1,364 @@
+"""The ``ociregistry`` command: load, list, prune and check the cache, import the Go server's store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from typing import Any, Callable, Coroutine, TextIO
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python import usage
+
+from ociregistry import __version__
+from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
+from ociregistry.downloads import BlobDownload
+from ociregistry.index import CachedImage, Index
+from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
+from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from ociregistry.metrics import Metrics
+from ociregistry.prune import (
+    Criteria,
+    check,
+    describe_removal,
+    local_time,
+    parse_cutoff,
+    parse_patterns,
+    prune,
+    removal_store,
+)
+from ociregistry.tap import Options, build_config, open_cache
+
+DEFAULT_IMAGE_PATH = "/var/lib/ociregistry"
+_TYPES = {OCI_INDEX: "oci-index", DOCKER_LIST: "docker-list", OCI_MANIFEST: "oci-image",
+          DOCKER_MANIFEST: "docker-image"}
+
+
+class CommandError(Exception):
+    """A problem to report in one line, exiting non-zero."""
+
+
+def human_size(size: int) -> str:
+    """Bytes for people: 512B, 1.5KiB, 20.0MiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size}B" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _settings(args: argparse.Namespace) -> FileSettings:
+    if not args.config_file:
+        return FileSettings()
+    try:
+        return load_config_file(args.config_file)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+
+
+def _image_path(args: argparse.Namespace) -> str:
+    return os.path.abspath(args.image_path or _settings(args).image_path or DEFAULT_IMAGE_PATH)
+
+
+def _index(args: argparse.Namespace, writable: bool) -> Index:
+    from twisted.internet import reactor
+
+    path = os.path.join(_image_path(args), "index.db")
+    if not os.path.isfile(path):
+        raise CommandError(f"no cache at {os.path.dirname(path)} (no index.db); give --image-path")
+    try:
+        return Index(path, reactor) if writable else Index.read_only(path, reactor)
+    except sqlite3.Error as e:
+        raise CommandError(f"cannot open {path}: {e}") from None
+
+
+def _react(work: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    """Run a coroutine on the reactor and exit with its status."""
+    from twisted.internet.task import react
+
+    react(lambda reactor: Deferred.fromCoroutine(work(reactor)))
+
+
+class Progress:
+    """How a load goes: a status line redrawn on a terminal, and a line per image."""
+
+    def __init__(self, out: TextIO, clock: IReactorTime, tty: bool) -> None:
+        self._out = out
+        self._tty = tty
+        self._downloads: list[BlobDownload] = []
+        self._loaded = 0
+        self._failed = 0
+        self._started = time.monotonic()
+        self._loop = LoopingCall(self._draw)
+        self._loop.clock = clock
+        if tty:
+            self._loop.start(0.25)
+
+    def downloading(self, download: BlobDownload) -> None:
+        """Count this download's bytes."""
+        self._downloads.append(download)
+
+    def report(self, name: str, result: Loaded | Exception) -> None:
+        """One image loaded, or failed."""
+        self._clear()
+        if isinstance(result, Exception):
+            self._failed += 1
+            print(f"failed {name}: {getattr(result, 'message', result)}", file=sys.stderr)
+        else:
+            self._loaded += 1
+            print(f"loaded {name} {result.digest} ({result.manifests} manifests, {result.blobs} blobs)",
+                  file=self._out)
+        self._draw()
+
+    def finish(self) -> None:
+        """Stop redrawing and print the totals."""
+        if self._loop.running:
+            self._loop.stop()
+        self._clear()
+        print(f"{self._loaded} loaded, {self._failed} failed, {human_size(self._bytes())} downloaded "
+              f"in {time.monotonic() - self._started:.1f}s", file=self._out)
+
+    def _bytes(self) -> int:
+        return sum(download.available() for download in self._downloads)
+
+    def _draw(self) -> None:
+        if self._tty:
+            running = sum(1 for d in self._downloads if not d.finished.fired)
+            self._out.write(f"\r{self._loaded} loaded, {self._failed} failed, {human_size(self._bytes())} "
+                            f"downloaded, {running} downloads running")
+            self._out.flush()
+
+    def _clear(self) -> None:
+        if self._tty:
+            self._out.write("\r\x1b[K")
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """Fill the cache from image lists and tarballs."""
+    options = Options()
+    options.update({"image-path": args.image_path, "default-ns": args.default_ns,
+                    "pull-timeout": args.pull_timeout})
+    try:
+        config = build_config(options, _settings(args))
+    except usage.UsageError as e:
+        raise CommandError(str(e)) from None
+    for path in args.files:
+        if not os.path.isfile(path):
+            raise CommandError(f"{path}: no such file")
+    platform = None if args.all_platforms else host_platform(args.os, args.arch, args.variant)
+
+    async def work(reactor: Any) -> None:
+        cache, index, _ = open_cache(config, reactor, Metrics())
+        progress = Progress(sys.stdout, reactor, sys.stdout.isatty())
+        loader = Loader(cache, index, threaded_store(config.image_path, reactor), platform,
+                        config.default_ns, progress.downloading)
+        try:
+            failures = await load_files(loader, args.files, args.concurrency, progress.report, args.name)
+        finally:
+            progress.finish()
+            await cache.close()
+        if failures:
+            raise SystemExit(1)
+
+    _react(work)
+    return 0
+
+
+def cmd_import_go_cache(args: argparse.Namespace) -> int:
+    """Import the Go server's image store."""
+    if not os.path.isdir(args.source):
+        raise CommandError(f"--from {args.source}: no such directory")
+    image_path = _image_path(args)
+    os.makedirs(image_path, exist_ok=True)
+
+    async def work(reactor: Any) -> None:
+        store = threaded_store(image_path, reactor)
+        store.prepare()
+        index = Index(os.path.join(image_path, "index.db"), reactor)
+        try:
+            loaded, problems = await Importer(index, store).import_go_cache(args.source)
+        except LoadError as e:
+            print(f"ociregistry import-go-cache: {e}", file=sys.stderr)
+            raise SystemExit(1)
+        finally:
+            index.close()
+        for item in loaded:
+            print(f"imported {item.name} {item.digest} ({item.blobs} blobs)")
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        print(f"{len(loaded)} manifests imported, {len(problems)} problems")
+        if problems:
+            raise SystemExit(1)
+
+    _react(work)
+    return 0
+
+
+def _type(image: CachedImage) -> str:
+    return _TYPES.get(image.media_type, image.media_type)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Show the cached images."""
+    try:
+        patterns = parse_patterns(args.pattern) if args.pattern else ()
+    except ValueError as e:
+        raise CommandError(f"--pattern: {e}") from None
+    index = _index(args, writable=False)
+    try:
+        images = index.cached_images()
+    finally:
+        index.close()
+    if patterns:
+        images = [i for i in images if any(p.search(i.reference) for p in patterns)]
+    if args.format == "json":
+        json.dump([{"image": f"{i.registry}/{i.repository}", "tag": i.tag, "digest": i.digest,
+                    "mediaType": i.media_type, "type": _type(i), "created": i.created,
+                    "pulled": i.pulled, "size": i.size} for i in images], sys.stdout, indent=2)
+        print()
+        return 0
+    rows = [("IMAGE", "TAG", "DIGEST", "TYPE", "CREATED", "PULLED", "SIZE")]
+    for i in images:
+        digest = i.digest.partition(":")[2][:12] if args.short_digest else i.digest
+        rows.append((f"{i.registry}/{i.repository}", i.tag or "<none>", digest, _type(i),
+                     local_time(i.created), local_time(i.pulled), human_size(i.size)))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove images, then the blobs no image uses."""
+    now = time.time()
+    try:
+        criteria = Criteria(
+            patterns=parse_patterns(args.pattern) if args.pattern else (),
+            created_before=parse_cutoff(args.created_before, now) if args.created_before else None,
+            accessed_before=parse_cutoff(args.accessed_before, now) if args.accessed_before else None,
+            max_size=parse_size(args.max_size) if args.max_size else None,
+            count=args.count,
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if criteria.is_empty():
+        raise CommandError("say what to prune: --pattern, --created-before, --accessed-before or --max-size")
+    index = _index(args, writable=not args.dry_run)
+    try:
+        removal = prune(index, removal_store(_image_path(args)), criteria, args.dry_run)
+    finally:
+        index.close()
+    print("\n".join(describe_removal(removal, args.dry_run)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify every file against its digest; with --repair, remove what is corrupt."""
+    index = _index(args, writable=args.repair)
+    try:
+        problems = check(index, removal_store(_image_path(args)), args.repair)
+        checked = len(index.stored_objects())
+    finally:
+        index.close()
+    for problem in problems:
+        action = " (removed)" if args.repair else ""
+        print(f"{problem.kind} {problem.digest}: {problem.what}{action}")
+    print(f"{checked} objects checked, {len(problems)} problems"
+          + (", repaired" if args.repair and problems else ""))
+    return 1 if problems and not args.repair else 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    """Print the version."""
+    print(f"ociregistry {__version__}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of every subcommand."""
+    top = argparse.ArgumentParser(prog="ociregistry", description="Load, list, prune and check the cache of the "
+                                  "ociregistry server; import the Go server's image store.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--image-path", help=f"where the cache lives [default: {DEFAULT_IMAGE_PATH}]")
+    cache.add_argument("--config-file", help="the server's YAML configuration (imagePath, registries, ...)")
+
+    load = commands.add_parser("load", parents=[cache], help="fill the cache from image lists and tarballs",
+                               description="Fill the cache from image lists (one reference a line, # for "
+                               "comments), docker save tarballs and OCI-layout tarballs (plain or gzip).")
+    load.add_argument("files", nargs="+", metavar="FILE")
+    load.add_argument("--os", help="the platform's operating system [default: linux]")
+    load.add_argument("--arch", help="the platform's architecture [default: this machine's]")
+    load.add_argument("--variant", help="the platform's variant, e.g. v7 or v6 for arm")
+    load.add_argument("--all-platforms", action="store_true", help="cache every platform of an index")
+    load.add_argument("--concurrency", type=_positive, default=3, help="images loaded at once [default: 3]")
+    load.add_argument("--default-ns", help="the registry of names without one [default: docker.io]")
+    load.add_argument("--pull-timeout", help="seconds to wait for an upstream [default: 60]")
+    load.add_argument("--name", help="REGISTRY/REPOSITORY[:TAG] for tarball images that carry no full name")
+    load.set_defaults(run=cmd_load)
+
+    listing = commands.add_parser("list", parents=[cache], help="show the cached images",
+                                  description="Show the cached images (works on a read-only image path).")
+    listing.add_argument("--pattern", help="only images matching one of these comma-separated regexes")
+    listing.add_argument("--short-digest", action="store_true", help="show 12 hex digits of each digest")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    listing.set_defaults(run=cmd_list)
+
+    pruning = commands.add_parser(
+        "prune", parents=[cache], help="remove images and the blobs nothing uses",
+        description="Remove the images matching every condition given, least recently pulled first, "
+        "then the manifests and blobs no remaining image uses. Dates are local YYYY-MM-DDTHH:MM:SS, "
+        "ISO 8601 with a zone, or durations ago such as 30d. Safe while the server runs.")
+    pruning.add_argument("--pattern", help="comma-separated regexes matched in REGISTRY/REPOSITORY:TAG")
+    pruning.add_argument("--created-before", metavar="DATE", help="cached before this date (or 30d ago)")
+    pruning.add_argument("--accessed-before", metavar="DATE", help="not pulled since this date (or 30d ago)")
+    pruning.add_argument("--max-size", metavar="SIZE", help="evict least recently pulled images until the "
+                         "cache fits, e.g. 50GiB")
+    pruning.add_argument("--count", type=_positive, help="remove at most this many images")
+    pruning.add_argument("--dry-run", action="store_true", help="print what would go and change nothing")
+    pruning.set_defaults(run=cmd_prune)
+
+    checking = commands.add_parser("check", parents=[cache], help="verify every file against its digest",
+                                   description="Verify every manifest and blob file against its digest and "
+                                   "the index against the files; exits 1 if anything is wrong.")
+    checking.add_argument("--repair", action="store_true",
+                          help="remove what is corrupt or missing, so that it is fetched again")
+    checking.set_defaults(run=cmd_check)
+
+    importing = commands.add_parser("import-go-cache", parents=[cache],
+                                    help="import the Go ociregistry server's image store",
+                                    description="Import an image store written by the Go ociregistry "
+                                    "server (lts/, img/, fat/ and blobs/), verifying every digest.")
+    importing.add_argument("--from", dest="source", required=True, metavar="DIR")
+    importing.set_defaults(run=cmd_import_go_cache)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(run=cmd_version)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except CommandError as e:
+        print(f"ociregistry {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Taking things out of the cache: pruning by pattern, age or size, and checking files against digests.
+
+Pruning works while the server runs.  Rows are deleted and their files
+unlinked inside short write transactions, so no other process can record one
+of those digests again (after a fresh download) until the files are gone.  A
+dry run works on an in-memory copy of the index and takes no lock.  A
+client already streaming a file keeps its open descriptor (POSIX unlink leaves
+the bytes to open readers), downloads in progress live in ``tmp/`` where
+pruning never looks, and a request that finds a row but no file fetches the
+content again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ociregistry.config import PruneSettings, parse_duration
+from ociregistry.index import CachedImage, Index, Removal, utc
+from ociregistry.store import BlobStore
+
+log = Logger()
+
+_DEFAULT_FREQUENCY = 86400.0
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """Which images to prune: all given conditions must hold; the least recently pulled go first."""
+
+    patterns: tuple[re.Pattern[str], ...] = ()
+    created_before: str | None = None
+    accessed_before: str | None = None
+    max_size: int | None = None
+    count: int | None = None
+
+    def is_empty(self) -> bool:
+        """Whether no condition is given (which would select everything)."""
+        return not (self.patterns or self.created_before or self.accessed_before
+                    or self.max_size is not None)
+
+    def select(self, images: Iterable[CachedImage]) -> list[CachedImage]:
+        """The images to remove, in order; with a size limit, the candidates to evict in order."""
+        chosen = [
+            image for image in sorted(images, key=lambda i: (i.pulled, i.reference))
+            if (not self.patterns or any(p.search(image.reference) for p in self.patterns))
+            and (self.created_before is None or image.created < self.created_before)
+            and (self.accessed_before is None or image.pulled < self.accessed_before)
+        ]
+        return chosen if self.count is None else chosen[:self.count]
+
+
+def parse_patterns(text: str) -> tuple[re.Pattern[str], ...]:
+    """Comma-separated regular expressions, matched anywhere in ``registry/repository:tag``."""
+    patterns = []
+    for part in text.split(","):
+        if part.strip():
+            try:
+                patterns.append(re.compile(part.strip()))
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {part.strip()!r}: {e}") from None
+    if not patterns:
+        raise ValueError(f"no pattern in {text!r}")
+    return tuple(patterns)
+
+
+def parse_cutoff(text: str, now: float) -> str:
+    """A point in time as the index stores it (UTC), from local ``YYYY-MM-DDTHH:MM:SS``,
+    ISO 8601 with a zone, a date, or a duration ago such as ``30d`` or ``12h``."""
+    try:
+        return utc(now - parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"invalid date {text!r}: expected YYYY-MM-DDTHH:MM:SS (local time), YYYY-MM-DD, "
+            "ISO 8601 with a zone, or a duration such as 30d or 12h") from None
+    return utc(moment.timestamp())
+
+
+def local_time(stored: str) -> str:
+    """An index time (UTC) shown in local time, in the form ``prune --created-before`` takes."""
+    moment = datetime.datetime.strptime(stored, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return moment.astimezone().strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def criteria_for(settings: PruneSettings, now: float) -> Criteria:
+    """The criteria of one pass of configured (``pruneConfig``) or requested (admin API) pruning."""
+    cutoff = None if settings.duration is None else utc(now - settings.duration)
+    if settings.type in ("accessed", "created") and cutoff is None:
+        raise ValueError(f"pruning by {settings.type} needs a duration")
+    if settings.type == "pattern" and not settings.expr:
+        raise ValueError("pruning by pattern needs an expression")
+    if settings.type == "size" and settings.max_size is None:
+        raise ValueError("pruning by size needs a maximum size")
+    return Criteria(
+        patterns=parse_patterns(settings.expr or "") if settings.type == "pattern" else (),
+        created_before=cutoff if settings.type == "created" else None,
+        accessed_before=cutoff if settings.type == "accessed" else None,
+        max_size=settings.max_size if settings.type == "size" else None,
+        count=settings.count,
+    )
+
+
+def prune(index: Index, store: BlobStore, criteria: Criteria, dry_run: bool = False) -> Removal:
+    """Remove the images the criteria select and the files nothing uses any more."""
+    chosen = criteria.select(index.cached_images())
+    if not dry_run:
+        return index.remove_images(chosen, fit=criteria.max_size, unlink=store.remove)
+    trial = index.snapshot()
+    try:
+        return trial.remove_images(chosen, fit=criteria.max_size)
+    finally:
+        trial.close()
+
+
+def describe_removal(removal: Removal, dry_run: bool) -> list[str]:
+    """Lines saying what a prune removed (or would remove)."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} image {image.reference} ({image.digest})" for image in removal.images]
+    lines += [f"{verb} manifest {digest} ({size} bytes)" for digest, size in removal.manifests]
+    lines += [f"{verb} blob {digest} ({size} bytes)" for digest, size in removal.blobs]
+    lines.append(f"{verb} {len(removal.images)} images, {len(removal.manifests)} manifests, "
+                 f"{len(removal.blobs)} blobs, {removal.size} bytes")
+    return lines
+
+
+def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime) -> None:
+    """One pass of background pruning, logged; its errors are logged and do not stop later passes."""
+    try:
+        index.flush_pulls()
+        removal = prune(index, store, criteria_for(settings, clock.seconds()), settings.dry_run)
+        for line in describe_removal(removal, settings.dry_run):
+            log.info("Pruning ({type}): {line}", type=settings.type, line=line)
+    except Exception:
+        log.failure("Pruning pass failed")
+
+
+def make_prune_service(settings: PruneSettings, index: Index, image_path: str,
+                       clock: IReactorTime) -> TimerService:
+    """The background pruning of ``pruneConfig``: a pass every ``frequency`` (default a day)."""
+    criteria_for(settings, clock.seconds())
+    service = TimerService(settings.frequency or _DEFAULT_FREQUENCY, prune_pass, index,
+                           removal_store(image_path), settings, clock)
+    service.clock = clock
+    return service
+
+
+def removal_store(image_path: str) -> BlobStore:
+    """The store of an image path, for reading and removing files only (it writes nothing)."""
+    return BlobStore(image_path, lambda function, *args: succeed(function(*args)))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A file that does not hold what the index says, or a file no row names."""
+
+    digest: str
+    kind: str
+    what: str
+
+
+def check(index: Index, store: BlobStore, repair: bool = False,
+          progress: Callable[[str], None] = lambda line: None) -> list[Problem]:
+    """Verify every indexed file against its size and digest, and find files no row names.
+
+    With ``repair``, corrupt or missing content loses its row and file (so it is
+    fetched again) and unindexed files are removed.
+    """
+    problems = []
+    known = set()
+    for digest, size, kind in index.stored_objects():
+        known.add(digest)
+        progress(f"checking {kind} {digest}")
+        what = _verify(store.path_for(digest), digest, size)
+        if what is None:
+            continue
+        problems.append(Problem(digest, kind, what))
+        if repair:
+            if kind == "manifest":
+                index.forget_manifest(digest)
+            else:
+                index.forget_blob(digest)
+            store.remove(digest)
+    for digest in _files(store):
+        if digest not in known:
+            problems.append(Problem(digest, "file", "not in the index"))
+            if repair:
+                store.remove(digest)
+    return problems
+
+
+def _verify(path: str, digest: str, size: int) -> str | None:
+    algorithm, _, expected = digest.partition(":")
+    try:
+        hasher = hashlib.new(algorithm)
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+            actual_size = f.tell()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    if actual_size != size:
+        return f"has {actual_size} bytes, the index says {size}"
+    if hasher.hexdigest() != expected:
+        return f"content hashes to {algorithm}:{hasher.hexdigest()}"
+    return None
+
+
+def _files(store: BlobStore) -> list[str]:
+    """The digests of the files under ``blobs/``."""
+    found = []
+    top = os.path.join(store.root, "blobs")
+    for algorithm in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+        for prefix in sorted(os.listdir(os.path.join(top, algorithm))):
+            for name in sorted(os.listdir(os.path.join(top, algorithm, prefix))):
+                found.append(f"{algorithm}:{name}")
+    return found
