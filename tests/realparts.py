@@ -401,6 +401,21 @@ async def _terminate(process: subprocess.Popen[bytes], sig: int) -> None:
     _running.discard(process)
 
 
+def start_process(argv: Sequence[str], log_path: str, *, cwd: str,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a background process writing to `log_path`, killed at exit if left running."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    _running.add(process)
+    return process
+
+
+async def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process from `start_process` and wait for it (SIGKILL if it lingers)."""
+    await _terminate(process, signal.SIGTERM)
+
+
 async def start_registry(base_dir: str, *, test: TestCase, address: str = "127.0.0.1",
                          port: int = 0, tls: tuple[str, str] | None = None,
                          client_ca: str | None = None,
