@@ -278,7 +278,7 @@ class RegistryAPI(Resource):
             if value:
                 query[key] = value
         if "n" in query and not query["n"].isdigit():
-            raise OCIError(400, "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer")
+            raise OCIError(400, "UNSUPPORTED", "pagination: n must be a non-negative integer")
         tags, more = await self._cache.tags(where, query)
         if more and tags:
             following = {"n": query["n"], "last": tags[-1]} if "n" in query else {"last": tags[-1]}
