@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -25,6 +26,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
+from urllib.parse import urlencode, urljoin
 
 import treq
 from cryptography import x509
@@ -32,10 +34,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.error import ConnectError, TimeoutError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
     Certificate,
@@ -64,8 +66,16 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MANIFEST_ACCEPT = ", ".join([DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST])
 LIST_TYPES = (OCI_INDEX, DOCKER_LIST)
+# The only codes an error body may carry (distribution-spec, "Error Codes").
+SPEC_ERROR_CODES = frozenset({
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID", "NAME_UNKNOWN",
+    "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS"})
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# OCIREGISTRY_LONG=1 (scripts/soak) asks the fault, crash and load tests for their long variants.
+LONG_RUN = os.environ.get("OCIREGISTRY_LONG") == "1"
+MIB = 1024 * 1024
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
@@ -994,3 +1004,297 @@ async def start_server(image_path: str, *, test: TestCase, args: Sequence[str] =
     test.addCleanup(server.stop)
     await server.start()
     return server
+
+
+# A bandwidth-limited relay in front of an upstream
+
+
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.[01]\r\n")
+
+
+@dataclass
+class RelayedConnection:
+    """One connection through a relay: its request lines, its first answer byte, its bytes."""
+
+    requests: list[str] = field(default_factory=list)
+    first_byte: float | None = None
+    bytes_down: int = 0
+
+
+class _Pacer:
+    """A bucket shared by every connection: upstream bytes leave at `rate` bytes per second."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._free = 0.0
+
+    def delay(self, size: int) -> float:
+        """Seconds to hold back the next read after sending `size` bytes now."""
+        if not self.rate:
+            return 0.0
+        now = time.monotonic()
+        self._free = max(self._free, now) + size / self.rate
+        return self._free - now
+
+
+@implementer(IPushProducer)
+class _Valve:
+    """Pauses an upstream transport while any reason holds (client backpressure, the pacer)."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._reasons: set[str] = set()
+
+    def close(self, reason: str) -> None:
+        if not self._reasons:
+            self._transport.pauseProducing()
+        self._reasons.add(reason)
+
+    def open(self, reason: str) -> None:
+        self._reasons.discard(reason)
+        if not self._reasons:
+            self._transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.close("consumer")
+
+    def resumeProducing(self) -> None:
+        self.open("consumer")
+
+    def stopProducing(self) -> None:
+        self._transport.loseConnection()
+
+
+class _RelayUp(Protocol):
+    """The relay's connection to the upstream: everything it receives goes down, paced."""
+
+    def __init__(self, down: _RelayDown) -> None:
+        self.down = down
+
+    def dataReceived(self, data: bytes) -> None:
+        self.down.send_down(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.down.transport.loseConnection()
+
+
+class _RelayDown(Protocol):
+    """A client's connection to the relay."""
+
+    def __init__(self, relay: ThrottledRelay) -> None:
+        self.relay = relay
+        self.record = RelayedConnection()
+        self.up: _RelayUp | None = None
+        self.valve: _Valve | None = None
+        self._reopen: Any = None
+
+    def connectionMade(self) -> None:
+        self.relay.connections.append(self.record)
+        self.relay.open.add(self)
+        self.transport.pauseProducing()
+        endpoint = TCP4ClientEndpoint(reactor, self.relay.target[0], self.relay.target[1], timeout=5)
+        connecting = endpoint.connect(Factory.forProtocol(lambda: _RelayUp(self)))
+        connecting.addCallbacks(self._connected, lambda _: self.transport.loseConnection())
+
+    def _connected(self, up: _RelayUp) -> None:
+        self.up = up
+        self.valve = _Valve(up.transport)
+        self.transport.registerProducer(self.valve, True)
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.up is not None
+        self.record.requests.extend(f"{m[1].decode()} {m[2].decode()}"
+                                    for m in _REQUEST_LINE.finditer(data))
+        self.up.transport.write(data)
+
+    def send_down(self, data: bytes) -> None:
+        """Pass upstream bytes to the client and hold the upstream back to keep the rate."""
+        if self.record.first_byte is None:
+            self.record.first_byte = time.time()
+        self.record.bytes_down += len(data)
+        self.transport.write(data)
+        wait = self.relay.pacer.delay(len(data))
+        if wait > 0.001 and self.valve is not None:
+            self.valve.close("pacer")
+            self._reopen = reactor.callLater(wait, self.valve.open, "pacer")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.relay.open.discard(self)
+        if self._reopen is not None and self._reopen.active():
+            self._reopen.cancel()
+        if self.up is not None:
+            self.up.transport.loseConnection()
+
+
+class ThrottledRelay:
+    """A TCP relay to `target` that limits upstream-to-client bandwidth (shared) and counts bytes."""
+
+    def __init__(self, target: tuple[str, int], rate: float | None) -> None:
+        self.target = target
+        self.pacer = _Pacer(rate)
+        self.connections: list[RelayedConnection] = []
+        self.open: set[_RelayDown] = set()
+        self.host = ""
+        self._port: IListeningPort | None = None
+
+    @property
+    def bytes_down(self) -> int:
+        """Every byte relayed from the upstream so far."""
+        return sum(c.bytes_down for c in self.connections)
+
+    def carrying(self, fragment: str) -> list[RelayedConnection]:
+        """The connections that carried a request whose line contains `fragment`."""
+        return [c for c in self.connections if any(fragment in r for r in c.requests)]
+
+    async def start(self, address: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on `address:port` (0: a free port)."""
+        self._port = await serverFromString(reactor, f"tcp:{port}:interface={address}").listen(
+            Factory.forProtocol(lambda: _RelayDown(self)))
+        bound = self._port.getHost().port
+        self.host = address if bound == 80 else f"{address}:{bound}"
+
+    async def stop(self) -> None:
+        """Stop listening and cut every relayed connection."""
+        if self._port is not None:
+            port, self._port = self._port, None
+            await maybeDeferred(port.stopListening)
+        for down in list(self.open):
+            down.transport.abortConnection()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.open and time.monotonic() < deadline:
+            await sleep(0.01)
+
+
+async def start_relay(registry: Registry, *, test: TestCase, rate: float | None,
+                      address: str = "127.0.0.1", port: int = 0) -> ThrottledRelay:
+    """A bandwidth-limited relay in front of a registry, stopped at test cleanup."""
+    relay = ThrottledRelay((registry.address, registry.port), rate)
+    test.addCleanup(relay.stop)
+    await relay.start(address, port)
+    return relay
+
+
+# Uploading blobs, and what a registry sent
+
+
+_ACCESS_BYTES = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) (\d+) ')
+
+
+async def upload_blob(registry: Registry, repository: str, content: bytes,
+                      web: WebClient | None = None) -> str:
+    """Upload one blob (POST a session, PUT the bytes with their digest): its digest."""
+    digest = digest_of(content)
+    http = web or WebClient()
+    try:
+        response = await http.client.post(f"{registry.url}/v2/{repository}/blobs/uploads/")
+        await treq.content(response)
+        location = response.headers.getRawHeaders("location", [""])[0]
+        if response.code != 202 or not location:
+            raise RuntimeError(f"upload to {repository} answered {response.code}")
+        url = urljoin(registry.url + "/", location)
+        url += ("&" if "?" in url else "?") + urlencode({"digest": digest})
+        headers: dict[str | bytes, str | bytes] = {"Content-Type": "application/octet-stream"}
+        response = await http.client.put(url, data=content, headers=headers)
+        await treq.content(response)
+        if response.code != 201:
+            raise RuntimeError(f"upload of {digest} answered {response.code}")
+        return digest
+    finally:
+        if web is None:
+            await http.close()
+
+
+async def upload_manifest(registry: Registry, repository: str, reference: str, media_type: str,
+                          content: bytes) -> str:
+    """PUT a manifest under a tag or its digest: its digest."""
+    http = WebClient()
+    try:
+        headers: dict[str | bytes, str | bytes] = {"Content-Type": media_type}
+        response = await http.client.put(f"{registry.url}/v2/{repository}/manifests/{reference}",
+                                         data=content, headers=headers)
+        await treq.content(response)
+    finally:
+        await http.close()
+    if response.code != 201:
+        raise RuntimeError(f"PUT manifest {repository}:{reference} answered {response.code}")
+    return digest_of(content)
+
+
+def registry_bytes_sent(registry: Registry, method: str, path_substring: str) -> int:
+    """How many body bytes the registry's access log says it sent for matching requests."""
+    with open(registry.log_path, encoding="utf-8", errors="replace") as f:
+        return sum(int(m[4]) for m in map(_ACCESS_BYTES.search, f)
+                   if m and m[1] == method and path_substring in m[2])
+
+
+# Processes seen from /proc
+
+
+def _status_bytes(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {key}")
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size now."""
+    return _status_bytes(pid, "VmRSS")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's highest resident set size since it started or since `reset_peak_rss`."""
+    return _status_bytes(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start measuring a process's peak RSS afresh (Linux clear_refs)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+# A cache on disk, checked from outside
+
+
+def _file_digest(path: str, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(chunk)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def cache_problems(image_path: str) -> list[str]:
+    """Everything wrong with a cache on disk: the sqlite file, tmp/ leftovers, blob files, rows."""
+    problems: list[str] = []
+    db = sqlite3.connect(f"file:{os.path.join(image_path, 'index.db')}?mode=ro", uri=True)
+    try:
+        integrity = [row[0] for row in db.execute("PRAGMA integrity_check")]
+        if integrity != ["ok"]:
+            problems.append(f"integrity_check: {integrity}")
+        problems.extend(f"foreign key: {row}" for row in db.execute("PRAGMA foreign_key_check"))
+        named = dict(db.execute("SELECT digest, size FROM manifests UNION ALL"
+                                " SELECT digest, size FROM blobs").fetchall())
+    finally:
+        db.close()
+    problems.extend(f"left in tmp/: {name}" for name in os.listdir(os.path.join(image_path, "tmp")))
+    blobs = os.path.join(image_path, "blobs")
+    on_disk: dict[str, int] = {}
+    for directory, _, files in os.walk(blobs):
+        for name in files:
+            path = os.path.join(directory, name)
+            algorithm = os.path.basename(os.path.dirname(directory))
+            expected = f"{algorithm}:{name}"
+            if os.path.relpath(path, blobs) != os.path.join(algorithm, name[:2], name):
+                problems.append(f"misplaced file {path}")
+            elif _file_digest(path, algorithm) != expected:
+                problems.append(f"{path} does not hash to its name")
+            on_disk[expected] = os.path.getsize(path)
+    for digest, size in named.items():
+        if digest not in on_disk:
+            problems.append(f"the index names {digest} but no file holds it")
+        elif on_disk[digest] != size:
+            problems.append(f"{digest} is {on_disk[digest]} bytes on disk, {size} in the index")
+    return problems
