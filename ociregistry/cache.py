@@ -7,7 +7,9 @@ downloads by digest, so concurrent clients cause one upstream request.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,7 +20,7 @@ from ociregistry.downloads import BlobSource, Downloads, StoredBlob
 from ociregistry.errors import OCIError, blob_unknown, manifest_unknown, name_unknown
 from ociregistry.grammar import Upstream as Where
 from ociregistry.grammar import check_digest, is_digest
-from ociregistry.index import Index, ManifestRecord
+from ociregistry.index import Index, ManifestRecord, utc
 from ociregistry.inflight import InFlight
 from ociregistry.manifests import IMAGE_TYPES, describe
 from ociregistry.store import BlobStore
@@ -26,6 +28,37 @@ from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
 
+
+
+# Manifests are small and never change for a digest; keeping the hot ones in
+# memory spares a file read per request (the index still decides what exists).
+_MANIFEST_MEMORY = 16 * 1024 * 1024
+
+
+class ContentCache:
+    """The most recently used contents by digest, up to a number of bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._size = 0
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, digest: str) -> bytes | None:
+        """The content, if held; it becomes the most recently used."""
+        content = self._entries.get(digest)
+        if content is not None:
+            self._entries.move_to_end(digest)
+        return content
+
+    def put(self, digest: str, content: bytes) -> None:
+        """Hold a content, dropping the least recently used beyond the budget."""
+        if digest in self._entries or len(content) > self._budget:
+            return
+        self._entries[digest] = content
+        self._size += len(content)
+        while self._size > self._budget:
+            _, dropped = self._entries.popitem(last=False)
+            self._size -= len(dropped)
 
 
 class Manifest(NamedTuple):
@@ -71,6 +104,7 @@ class Cache:
         self._manifest_fetches: InFlight[tuple[str, str, str], Manifest] = InFlight()
         self._blob_heads: InFlight[str, int | None] = InFlight()
         self._stale: set[tuple[str, str, str]] = set()
+        self._contents = ContentCache(_MANIFEST_MEMORY)
 
     async def close(self) -> None:
         """Abandon downloads, close upstream connections, record pull times and close the index."""
@@ -103,23 +137,24 @@ class Cache:
         return found
 
     async def _tagged(self, where: Where, tag: str) -> Manifest:
-        record = self._index.manifest_for_tag(where.registry, where.repository, tag)
-        cached = self._cached_manifest(record)
-        if cached is not None and (self._freshness.air_gapped or self._fresh(where, tag)):
+        found = self._index.tag(where.registry, where.repository, tag)
+        cached = self._cached_manifest(found[0] if found else None)
+        if cached is not None and found and (self._freshness.air_gapped or self._fresh(where, tag, found[1])):
             return cached
         if self._freshness.air_gapped:
             raise air_gapped_error(manifest_unknown(tag))
         key = (where.registry, where.repository, tag)
         return await self._manifest_fetches.run(key, lambda: self._resolve_tag(where, tag, cached))
 
-    def _fresh(self, where: Where, tag: str) -> bool:
+    def _fresh(self, where: Where, tag: str, confirmed: str) -> bool:
+        """Whether a tag confirmed upstream at ``confirmed`` (as the index writes times) is still fresh."""
         ttl = self._upstream.settings(where.registry).manifest_ttl
         if ttl is None:
             ttl = self._freshness.tag_ttl
         if self._freshness.always_pull_latest and tag == "latest":
             ttl = 0.0
-        confirmed = self._index.tag_confirmed(where.registry, where.repository, tag)
-        return confirmed is not None and self._clock.seconds() - confirmed < ttl
+        # The index's times compare as text, which spares parsing one per request.
+        return ttl == math.inf or confirmed > utc(self._clock.seconds() - ttl)
 
     async def _resolve_tag(self, where: Where, tag: str, cached: Manifest | None) -> Manifest:
         """Ask upstream with one HEAD where a tag points; fetch the manifest only if it is new.
@@ -158,11 +193,14 @@ class Cache:
     def _cached_manifest(self, record: ManifestRecord | None) -> Manifest | None:
         if record is None:
             return None
-        content = self._store.read(record.digest)
-        if content is None or len(content) != record.size:
-            log.warn("Cached manifest {digest} is missing on disk; fetching it again", digest=record.digest)
-            self._index.forget_manifest(record.digest)
-            return None
+        content = self._contents.get(record.digest)
+        if content is None:
+            content = self._store.read(record.digest)
+            if content is None or len(content) != record.size:
+                log.warn("Cached manifest {digest} is missing on disk; fetching it again", digest=record.digest)
+                self._index.forget_manifest(record.digest)
+                return None
+            self._contents.put(record.digest, content)
         log.debug("Serving manifest {digest} from cache", digest=record.digest)
         return Manifest(record, content, "hit")
 
@@ -198,6 +236,7 @@ class Cache:
         )
         if media_type in IMAGE_TYPES:
             self._downloads.prefetch(where.registry, where.repository, [r.child for r in references])
+        self._contents.put(digest, content)
         return Manifest(record, content, "miss")
 
     def _stored_blob(self, digest: str) -> StoredBlob | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from ociregistry.errors import OCIError, digest_invalid, name_invalid, not_found, unsupported
@@ -99,9 +100,15 @@ def parse_path(segments: list[str]) -> Route:
     The name may contain any number of components, so the endpoint is read
     from the end of the path, as the spec's grammar is anchored there.
     """
+    return _parse_path(tuple(segments))
+
+
+# Clients ask for the same few paths again and again; parsing is pure.
+@lru_cache(maxsize=4096)
+def _parse_path(segments: tuple[str, ...]) -> Route:
     if "uploads" in segments[-3:] and "blobs" in segments[-4:]:
         raise unsupported("this registry is a pull-only mirror: uploads are not supported")
-    if len(segments) >= 3 and segments[-2:] == ["tags", "list"]:
+    if len(segments) >= 3 and segments[-2:] == ("tags", "list"):
         return Route("tags", "/".join(segments[:-2]), "")
     if len(segments) >= 3 and segments[-2] in ("manifests", "blobs"):
         kind: Kind = "manifests" if segments[-2] == "manifests" else "blobs"
@@ -120,6 +127,7 @@ def canonical_registry(host: str) -> str:
     return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
 
 
+@lru_cache(maxsize=4096)
 def resolve_upstream(name: str, namespace: str | None, default_ns: str) -> Upstream:
     """Find the upstream registry and repository for a request.
 

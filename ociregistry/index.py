@@ -102,21 +102,18 @@ class Index:
 
     def manifest_for_tag(self, registry: str, repository: str, tag: str) -> ManifestRecord | None:
         """The manifest a cached tag points at, if the tag is cached."""
+        found = self.tag(registry, repository, tag)
+        return found[0] if found else None
+
+    def tag(self, registry: str, repository: str, tag: str) -> tuple[ManifestRecord, str] | None:
+        """The manifest a cached tag points at, and when the tag was last confirmed upstream."""
         row = self._db.execute(
-            "SELECT m.digest, m.media_type, m.size, m.registry, m.repository, m.created, m.pulled"
+            "SELECT m.digest, m.media_type, m.size, m.registry, m.repository, m.created, m.pulled, t.updated"
             " FROM tags t JOIN manifests m ON m.digest = t.digest"
             " WHERE t.registry = ? AND t.repository = ? AND t.tag = ?",
             (registry, repository, tag),
         ).fetchone()
-        return ManifestRecord(*row) if row else None
-
-    def tag_confirmed(self, registry: str, repository: str, tag: str) -> float | None:
-        """When a cached tag was last confirmed upstream (POSIX time), if it is cached."""
-        row = self._db.execute(
-            "SELECT updated FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
-            (registry, repository, tag),
-        ).fetchone()
-        return calendar.timegm(time.strptime(row[0], "%Y-%m-%dT%H:%M:%SZ")) if row else None
+        return (ManifestRecord(*row[:7]), row[7]) if row else None
 
     def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
         """Point a tag at a cached manifest, confirmed now."""

@@ -76,6 +76,7 @@ class BlobSender:
         self._source = source
         self._metrics = metrics
         self._from = "cache" if isinstance(source, StoredBlob) else "upstream"
+        self._served = metrics.bytes_served.labels(self._from)
         self._fd = source.open()
         self._position = start
         self._end = end
@@ -110,7 +111,7 @@ class BlobSender:
                 self._failed(Failure(OSError(f"blob file of {self._source.digest} is shorter than recorded")))
                 return
             self._position += len(data)
-            self._metrics.bytes_served.labels(self._from).inc(len(data))
+            self._served.inc(len(data))
             self._request.write(data)
 
     def _complete(self) -> bool:
