@@ -7,7 +7,6 @@ read it with ``sqlite3`` (see README).
 
 from __future__ import annotations
 
-import calendar
 import os
 import re
 import sqlite3

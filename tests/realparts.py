@@ -426,6 +426,25 @@ async def stop_process(process: subprocess.Popen[bytes]) -> None:
     await _terminate(process, signal.SIGTERM)
 
 
+class WorkspaceTestCase(TestCase):
+    """A test with a directory of its own for registries, images, caches and configuration."""
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+
+    def path(self, name: str) -> str:
+        """A path inside the test's directory."""
+        return os.path.join(self.base, name)
+
+    def config(self, registries: list[dict[str, Any]]) -> str:
+        """Write a server configuration file naming these registries; returns its path."""
+        config = self.path("config.yaml")
+        with open(config, "w") as f:
+            json.dump({"registries": registries}, f)
+        return config
+
+
 async def start_registry(base_dir: str, *, test: TestCase, address: str = "127.0.0.1",
                          port: int = 0, tls: tuple[str, str] | None = None,
                          client_ca: str | None = None,

@@ -18,7 +18,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from ociregistry.allowlist import Allowlist
 from ociregistry.errors import OCIError
 
-from ociregistry.config import RegistrySettings
 from tests.fakes import OCI_INDEX, Behaviour, digest_of, make_image, make_index, wait
 from tests.test_pull import ServerTestCase
 

@@ -12,9 +12,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
 
 from tests.realparts import (
+    WorkspaceTestCase,
     MANIFEST_ACCEPT,
-    CA,
-    ImageSet,
     Registry,
     Server,
     WebClient,
@@ -74,23 +73,17 @@ class Puller:
         return top, platforms, blobs
 
 
-class PullThroughTests(TestCase):
+class PullThroughTests(WorkspaceTestCase):
     """Images pushed to a real upstream pull through the server with skopeo and a scripted client."""
 
     def setUp(self) -> None:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-        self.oci = build_oci_index(os.path.join(self.base, "oci"))
-        self.docker = build_docker_list(os.path.join(self.base, "docker"))
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.base, name)
+        super().setUp()
+        self.oci = build_oci_index(self.path("oci"))
+        self.docker = build_docker_list(self.path("docker"))
 
     async def serve(self, registries: list[dict[str, Any]], *args: str) -> Server:
-        config = self.path("config.yaml")
-        with open(config, "w") as f:
-            yaml.safe_dump({"registries": registries}, f)
-        return await start_server(self.path("cache"), test=self, args=("--config-file", config, *args))
+        return await start_server(self.path("cache"), test=self,
+                                  args=("--config-file", self.config(registries), *args))
 
     async def check_upstream(self, registry: Registry, creds: Any = None, cert_dir: Any = None) -> None:
         """The upstream serves both images with the digests they were built with."""

@@ -38,7 +38,7 @@ from ociregistry.load import (
 from ociregistry.metrics import Metrics
 from ociregistry.tap import ServerConfig, open_cache
 from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image, digest_of, listen, make_image
-from tests.realparts import PROJECT_ROOT, ImageSet, build_oci_index, push, skopeo_copy_all, start_registry, start_server
+from tests.realparts import PROJECT_ROOT, ImageSet, WorkspaceTestCase, build_oci_index, push, skopeo_copy_all, start_registry, start_server
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
@@ -365,15 +365,9 @@ def tar_directory(directory: str, path: str) -> None:
             tar.add(os.path.join(directory, name), arcname=name)
 
 
-class LoadServeTests(TestCase):
+class LoadServeTests(WorkspaceTestCase):
     """The command loads from a real upstream and from tarballs; twistd then serves skopeo with no upstream."""
 
-    def setUp(self) -> None:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.base, name)
 
     async def test_load_then_serve_offline(self) -> None:
         """An image list, an OCI-layout tarball and a docker save tarball load; all pull with the upstream gone."""

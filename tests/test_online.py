@@ -6,13 +6,11 @@ import json
 import os
 import stat
 import sys
-from typing import Any
 
-import yaml
-from twisted.trial.unittest import TestCase
 
 from tests.fakes import wait
 from tests.realparts import (
+    WorkspaceTestCase,
     build_oci_index,
     push,
     start_registry,
@@ -21,21 +19,9 @@ from tests.realparts import (
 from tests.test_integration import Puller
 
 
-class OnlineTests(TestCase):
+class OnlineTests(WorkspaceTestCase):
     """A plain HTTP docker-registry upstream and the server under twistd."""
 
-    def setUp(self) -> None:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.base, name)
-
-    def config(self, registries: list[dict[str, Any]]) -> str:
-        config = self.path("config.yaml")
-        with open(config, "w") as f:
-            yaml.safe_dump({"registries": registries}, f)
-        return config
 
     async def test_tag_moves_upstream(self) -> None:
         """A tag moved upstream is served old before the interval and new after it."""

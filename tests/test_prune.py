@@ -6,7 +6,6 @@ import os
 import re
 import sqlite3
 
-from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor

@@ -8,15 +8,13 @@ import shutil
 import signal
 import sqlite3
 import time
-from typing import Any
 
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import formatEvent
-from twisted.trial.unittest import TestCase
 
 from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image, wait
 from tests.realparts import (
+    WorkspaceTestCase,
     SkopeoError,
     WebClient,
     build_oci_index,
@@ -31,21 +29,9 @@ from tests.realparts import (
 from tests.test_integration import Puller
 
 
-class ServiceTests(TestCase):
+class ServiceTests(WorkspaceTestCase):
     """The server as an operator runs it."""
 
-    def setUp(self) -> None:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.base, name)
-
-    def config(self, registries: list[dict[str, Any]]) -> str:
-        config = self.path("config.yaml")
-        with open(config, "w") as f:
-            yaml.safe_dump({"registries": registries}, f)
-        return config
 
     async def test_https_and_client_certificates(self) -> None:
         """skopeo pulls over HTTPS with the test CA; with clientAuth verify, only a client with a certificate may."""
@@ -169,12 +155,9 @@ class ServiceTests(TestCase):
         self.assertIn("Shutting down with", server.log_text())
 
 
-class OperationsTests(TestCase):
+class OperationsTests(WorkspaceTestCase):
     """Logs for machines, and certificates renewed without a restart."""
 
-    def setUp(self) -> None:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
 
     async def test_json_log_and_level(self) -> None:
         """--log-format json writes one JSON event per line; --log-level warn leaves the info events out."""
