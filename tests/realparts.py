@@ -370,6 +370,18 @@ class Registry:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return [(m[1], m[2], int(m[3])) for m in map(_ACCESS_LINE.search, f) if m]
 
+    async def settled(self, quiet: float = 0.2, limit: float = 3.0) -> None:
+        """Wait until the access log stops growing: distribution writes a line only after
+        the response has gone out, so a client can be done before its request is logged."""
+        deadline = time.monotonic() + limit
+        size = -1
+        while time.monotonic() < deadline:
+            current = os.path.getsize(self.log_path)
+            if current == size:
+                return
+            size = current
+            await sleep(quiet)
+
     def count_requests(self, method: str, path_substring: str, status: int | None = None) -> int:
         """How many requests with this method had a path containing `path_substring`."""
         return sum(1 for m, path, code in self.requests()

@@ -171,12 +171,14 @@ class ContainerdTests(TestCase):
     async def check_pull(self, containerd: Containerd, registry: Registry, image: ImageSet,
                          hosts_dir: str) -> None:
         """A pull gets every manifest and blob of `image`, and the upstream sees only the server."""
+        await registry.settled()
         offset = os.path.getsize(registry.log_path)
         reference = f"{registry.host}/team/app:v1"
         await containerd.pull(reference, hosts_dir)
         self.assertEqual(await containerd.image_digest(reference), image.digest)
         wanted = {image.digest, *image.manifests.values(), *image.blobs}
         self.assertEqual(wanted - await containerd.content(), set())
+        await registry.settled()
         self.assertEqual(agents_since(registry, offset), {"ociregistry"})
 
     async def test_default_hosts(self) -> None:
@@ -254,6 +256,7 @@ class PodmanTests(TestCase):
         podman = ["--root", os.path.join(home, "root"), "--runroot", os.path.join(home, "run"),
                   "--tmpdir", os.path.join(home, "tmp"), "--storage-driver", "vfs",
                   "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
+        await registry.settled()
         offset = os.path.getsize(registry.log_path)
         reference = f"{registry.host}/team/app:v1"
         await run("podman", [*podman, "pull", "--quiet", "--signature-policy", policy,
@@ -262,4 +265,5 @@ class PodmanTests(TestCase):
                                          "{{.Id}} {{.Digest}}", reference], env, home)
         amd64 = json.loads(image.manifest_bytes(image.manifests["linux/amd64"]))
         self.assertEqual(inspected.split(), [amd64["config"]["digest"].split(":")[1], image.digest])
+        await registry.settled()
         self.assertEqual(agents_since(registry, offset), {"ociregistry"})

@@ -112,8 +112,10 @@ class PullThroughTests(WorkspaceTestCase):
         registry = await start_registry(self.path("registry"), test=self, address="127.0.0.21", port=80)
         await self.push_both(registry)
         server = await self.serve([{"name": registry.host, "scheme": "http"}])
+        await registry.settled()
         heads = registry.count_requests("HEAD", "/manifests/v1.0-RC")
         await self.check_pulls(server, registry)
+        await registry.settled()
         self.assertEqual(registry.count_requests("HEAD", "/manifests/v1.0-RC") - heads, 1)
         self.assertEqual(registry.count_requests("GET", "/manifests/v1.0-RC"), 0)
         self.assertEqual(registry.count_requests("GET", f"/manifests/{self.oci.digest}"), 1)
@@ -211,4 +213,5 @@ class CoalescingTests(TestCase):
         for ok, result in results:
             self.assertTrue(ok, result)
             self.assertEqual(result, (200, digest, image.blobs[digest]))
+        await registry.settled()
         self.assertEqual(registry.count_requests("GET", f"/blobs/{digest}"), 1)

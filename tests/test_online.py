@@ -45,6 +45,7 @@ class OnlineTests(WorkspaceTestCase):
         registry = await start_registry(self.path("registry"), test=self)
         image = build_oci_index(self.path("image"), platforms=[("linux", "amd64")], layer_sizes=(100,))
         await push(image, registry, "app", "v1")
+        await registry.settled()
         seen = len(registry.requests())
         server = await start_server(self.path("cache"), test=self, args=(
             "--config-file", self.config([{"name": registry.host, "scheme": "http"}]), "--air-gapped"))
@@ -54,6 +55,7 @@ class OnlineTests(WorkspaceTestCase):
             response, body = await puller.get(path, registry.host)
             self.assertEqual(response.code, 404, path)
             self.assertIn("air-gapped", json.loads(body)["errors"][0]["message"])
+        await registry.settled()
         self.assertEqual(len(registry.requests()), seen)
 
     async def test_credentials_from_environment_and_helper(self) -> None:
@@ -85,4 +87,5 @@ class OnlineTests(WorkspaceTestCase):
                                     env=environment)
         self.assertEqual((await Puller(self, server).pull(registry.host, "app", "v1"))[0], image.digest)
         self.assertNotIn("helper-s3cret", server.log_text())
+        await registry.settled()
         self.assertGreater(registry.count_requests("GET", "/v2/app/manifests/", status=200), 0)
