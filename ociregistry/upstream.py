@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHostnameResolver, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -36,7 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from ociregistry.allowlist import Allowlist
+from ociregistry.allowlist import Allowlist, CheckedResolver, ReactorWithResolver
 from ociregistry.config import RegistrySettings, registry_settings
 from ociregistry.credentials import Credentials
 from ociregistry.errors import OCIError
@@ -226,6 +226,7 @@ class Upstream:
         backoff: float = 0.5,
         max_manifest_size: int = 8 * 1024 * 1024,
         metrics: Metrics | None = None,
+        name_resolver: IHostnameResolver | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
         self._clock = reactor
@@ -239,7 +240,10 @@ class Upstream:
         self.max_manifest_size = max_manifest_size
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 8
-        agent = Agent(reactor, contextFactory=TLSPolicy(self._registries), pool=self._pool,
+        # Connections resolve names through the allow-list, which drops the
+        # private addresses of hosts it does not trust.
+        checked = ReactorWithResolver(reactor, CheckedResolver(name_resolver or reactor.nameResolver, allowlist))
+        agent = Agent(checked, contextFactory=TLSPolicy(self._registries), pool=self._pool,
                       connectTimeout=connect_timeout)
         self._http = HTTPClient(agent)
         self._tokens: dict[tuple[str, str], _Token] = {}

@@ -13,10 +13,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ociregistry.allowlist import Allowlist
+from ociregistry.config import RegistrySettings
 from ociregistry.errors import OCIError
+from ociregistry.upstream import Upstream
 
 from tests.fakes import OCI_INDEX, Behaviour, digest_of, make_image, make_index, wait
 from tests.test_pull import ServerTestCase
@@ -258,3 +263,50 @@ class AllowlistUnitTests(SynchronousTestCase):
     def test_allow_any(self) -> None:
         """allow_any lets every host through."""
         self.assertIsNone(self.check("127.0.0.1:22", allow_any=True))
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class _EverythingIsLoopback:
+    """A name service that answers 127.0.0.1 for every name: DNS rebinding at its simplest."""
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, addressTypes: Any = None,
+                        transportSemantics: str = "TCP") -> Any:
+        resolution = _Resolution(hostName)
+        receiver.resolutionBegan(resolution)
+        receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+        receiver.resolutionComplete()
+        return resolution
+
+
+class RebindingTests(TestCase):
+    """A name that passes the check as public but resolves to loopback at connect time gets no connection."""
+
+    async def test_rebinding_refused_at_connect(self) -> None:
+        """Only trusted hosts may connect to the private addresses their names resolve to."""
+        counter = _Counting()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(counter)
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        trusted = f"trusted.test:{number}"
+        allowlist = Allowlist(reactor, lambda host: succeed(["93.184.216.34"]), [trusted])
+        settings = [RegistrySettings(name=name, scheme="http") for name in (trusted, f"rebind.test:{number}")]
+        upstream = Upstream(reactor, settings[:1], allowlist, retries=0, connect_timeout=2, response_timeout=2,
+                            name_resolver=_EverythingIsLoopback())
+        self.addCleanup(lambda: Deferred.fromCoroutine(upstream.close()))
+        with self.assertRaises(OCIError) as caught:
+            await upstream.request("GET", settings[1].name, "app", "/v2/")
+        self.assertEqual(caught.exception.status, 502)
+        self.assertEqual(counter.connections, 0)
+        with self.assertRaises(Exception):
+            # Trusted: the connection is made (the listener speaks no HTTP, so the request then fails).
+            await upstream.request("GET", trusted, "app", "/v2/")
+        self.assertEqual(counter.connections, 1)
