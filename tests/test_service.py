@@ -107,6 +107,21 @@ class ServiceTests(WorkspaceTestCase):
         response, _ = await http_request("GET", server.url + "/health")
         self.assertEqual(response.code, 200)
 
+    async def test_health_and_metrics_ports(self) -> None:
+        """--health and --metrics serve on their own ports; /metrics then leaves the main listener."""
+        health, metrics = free_port(), free_port()
+        server = await start_server(self.path("cache"), test=self,
+                                    args=("--health", str(health), "--metrics", str(metrics), "--host", "127.0.0.1"))
+        response, body = await http_request("GET", f"http://127.0.0.1:{health}/health")
+        self.assertEqual((response.code, json.loads(body)["status"]), (200, "ok"))
+        response, body = await http_request("GET", f"http://127.0.0.1:{metrics}/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"ociregistry_cached_manifest_count", body)
+        response, _ = await http_request("GET", server.url + "/metrics")
+        self.assertEqual(response.code, 404)
+        response, _ = await http_request("GET", server.url + "/health")
+        self.assertEqual(response.code, 200)
+
     async def test_sigterm_during_download(self) -> None:
         """SIGTERM mid-download: exit within the grace period, a sound index, no temporary file, committed data kept."""
         upstream = FakeRegistry()
