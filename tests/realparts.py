@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 from urllib.parse import urlencode, urljoin
@@ -345,20 +345,14 @@ class Registry:
                 ["docker-registry", "serve", self.config_path], cwd=self.base_dir, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         _running.add(self._process)
-        deadline = time.monotonic() + START_TIMEOUT
-        # distribution logs "listening on" after loading TLS files, just before serving.
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"registry exited with {self._process.returncode}:\n"
-                                   f"{_tail(self.log_path)}")
+
+        async def listening() -> bool:
+            # distribution logs "listening on" after loading TLS files, just before serving.
             with open(self.log_path, "rb") as f:
                 f.seek(offset)
-                if b"listening on" in f.read() and await _accepts(self.address, self.port):
-                    return
-            if time.monotonic() > deadline:
-                await self.stop()
-                raise RuntimeError(f"registry did not start:\n{_tail(self.log_path)}")
-            await sleep(0.05)
+                return b"listening on" in f.read() and await _accepts(self.address, self.port)
+
+        await _until_ready(self._process, self.log_path, "registry", listening, self.stop)
 
     async def stop(self) -> None:
         """Terminate the process and wait for it to exit."""
@@ -386,6 +380,21 @@ class Registry:
         """How many requests with this method had a path containing `path_substring`."""
         return sum(1 for m, path, code in self.requests()
                    if m == method and path_substring in path and status in (None, code))
+
+
+async def _until_ready(process: subprocess.Popen[bytes], log_path: str, what: str,
+                       ready: Callable[[], Awaitable[bool]], give_up: Callable[[], Awaitable[None]]) -> None:
+    """Poll ``ready`` until it says yes; fail with the log's tail if the process exits or takes too long."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{_tail(log_path)}")
+        if await ready():
+            return
+        if time.monotonic() > deadline:
+            await give_up()
+            raise RuntimeError(f"{what} did not get ready:\n{_tail(log_path)}")
+        await sleep(0.05)
 
 
 async def _accepts(address: str, port: int) -> bool:
@@ -981,20 +990,15 @@ class Server:
                                              stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT)
         _running.add(self._process)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"server exited with {self._process.returncode}:\n"
-                                   f"{_tail(self.log_path)}")
+
+        async def answering() -> bool:
             try:
                 await http_request("GET", self.url + "/v2/")
-                return
+                return True
             except (ConnectError, TimeoutError, ResponseFailed):
-                pass
-            if time.monotonic() > deadline:
-                await self.kill()
-                raise RuntimeError(f"server did not answer /v2/:\n{_tail(self.log_path)}")
-            await sleep(0.1)
+                return False
+
+        await _until_ready(self._process, self.log_path, "server", answering, self.kill)
 
     async def stop(self) -> None:
         """SIGTERM, and wait for the exit."""
