@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,6 +16,11 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?\Z"
 )
+# A host whose last label is a number is an IPv4 address to URL parsers and
+# resolvers, which also read octal (0177), hex (0x7f) and short (127.1) forms.
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 _DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-f]+\Z")
 _MAX_NAME = 255
@@ -91,6 +97,19 @@ def check_registry(host: str) -> str:
     port = match.group("port")
     if port and not 0 < int(port) < 65536:
         raise name_invalid(f"invalid port in registry host {host!r}")
+    address = host[: match.start("port") - 1] if port else host
+    if address.startswith("["):
+        try:
+            ipaddress.IPv6Address(address[1:-1])
+        except ValueError:
+            raise name_invalid(f"invalid IPv6 address in registry host {host!r}") from None
+    elif _NUMERIC_LABEL.match(address.rpartition(".")[2]) and not _CANONICAL_IPV4.match(address):
+        # Refused rather than normalised: a name a person reads as one address and
+        # a resolver as another must not choose where the server connects.
+        raise name_invalid(
+            f"registry host {host!r} is not a canonical IPv4 address: "
+            "write four decimal numbers from 0 to 255 without leading zeros"
+        )
     return host.lower()
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from ociregistry.errors import OCIError
-from ociregistry.grammar import Route, Upstream, check_digest, check_reference, check_repository, parse_path, resolve_upstream
+from ociregistry.grammar import (
+    Route,
+    Upstream,
+    check_digest,
+    check_reference,
+    check_repository,
+    looks_like_host,
+    parse_path,
+    resolve_upstream,
+)
 
 
 class ResolveUpstreamTests(SynchronousTestCase):
@@ -36,6 +45,47 @@ class ResolveUpstreamTests(SynchronousTestCase):
             with self.assertRaises(OCIError) as caught:
                 resolve_upstream(name, ns, "docker.io")
             self.assertEqual(caught.exception.code, "NAME_INVALID", name)
+
+
+class CanonicalHostTests(SynchronousTestCase):
+    """Only canonical spellings of addresses name an upstream."""
+
+    # Each is read by resolvers as an address other than the one a person sees,
+    # or as an address at all where a person sees a name.
+    REFUSED = [
+        "0x7f.0.0.1",         # hex: 127.0.0.1
+        "0177.0.000.1",       # octal: 127.0.0.1
+        "0127.0.0.1",         # octal: 87.0.0.1, a public address
+        "127.1",              # short form: 127.0.0.1
+        "127.0.1",            # short form: 127.0.0.1
+        "2130706433",         # one number: 127.0.0.1
+        "0x7f000001",         # one hex number
+        "127.0.0.01",         # leading zero in the last part
+        "256.0.0.1",          # out of range
+        "1.2.3.4.5",          # five parts
+        "registry.0x10",      # a name whose last label is a number
+        "example.123",
+        "[::ffff:0177.0.0.1]",  # octal inside IPv6
+        "[::1::2]",           # not an IPv6 address
+    ]
+
+    def test_refused(self) -> None:
+        """Octal, hex, short and out-of-range forms are NAME_INVALID, wherever a client names an upstream."""
+        for host in self.REFUSED:
+            for spelling in (host, f"{host}:5000"):
+                # In a path, a component names a host only with a dot or a port.
+                forms = [("img", spelling)] + ([(f"{spelling}/img", None)] if looks_like_host(spelling) else [])
+                for name, ns in forms:
+                    with self.assertRaises(OCIError) as caught:
+                        resolve_upstream(name, ns, "docker.io")
+                    self.assertEqual((caught.exception.status, caught.exception.code), (400, "NAME_INVALID"), name)
+            self.assertIn("registry host", caught.exception.message)
+
+    def test_accepted(self) -> None:
+        """Canonical addresses and ordinary names still name upstreams."""
+        for host in ["127.0.0.1", "10.0.0.255", "0.0.0.0", "[::1]", "[::ffff:127.0.0.1]", "reg1.example.com",
+                     "1password.com", "123.example", "x0x7f.example"]:
+            self.assertEqual(resolve_upstream("img", f"{host}:5000", "docker.io").registry, f"{host}:5000")
 
 
 class ReferenceTests(SynchronousTestCase):

@@ -284,6 +284,19 @@ class MoreTests(ServerTestCase):
         response, body = await self.get(f"/v2/team/app/manifests/{image.digest}")
         self.assertEqual((response.code, body), (200, image.manifest))
 
+    async def test_noncanonical_hosts_refused(self) -> None:
+        """Octal and hex spellings of an address are 400 NAME_INVALID in ns=, X-Registry and the path, even with any upstream allowed."""
+        await self.start(allow_any_upstream=True)
+        for path, headers in [("/v2/app/manifests/1?ns=0127.0.0.1", None),
+                              ("/v2/app/manifests/1?ns=0x7f.0.0.1%3A5000", None),
+                              ("/v2/app/manifests/1", {"X-Registry": "0177.0.000.1"}),
+                              ("/v2/0x7f.1/app/manifests/1", None)]:
+            response, body = await self.get(path, headers=headers)
+            error = json.loads(body)["errors"][0]
+            self.assertEqual((response.code, error["code"]), (400, "NAME_INVALID"), path)
+            self.assertIn("not a canonical IPv4 address", error["message"])
+        self.assertEqual(self.upstream.requests, [])
+
     async def test_head_uncached_blob_does_not_download(self) -> None:
         """HEAD of an uncached blob is answered from an upstream HEAD, without a GET."""
         await self.start()
