@@ -1,7 +1,9 @@
 """The pull-through cache: answers from the index and store, else from upstream.
 
-Manifest fetches are coalesced by (registry, repository, reference) and blob
-downloads by digest, so concurrent clients cause one upstream request.
+Manifest fetches are coalesced by (registry, repository, reference), blob
+downloads and HEADs by (registry, digest), so concurrent clients cause one
+upstream request, and a client never waits on another registry than the one it
+named.  Content already verified on disk is shared by digest.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ class Cache:
         self._clock = clock
         self._freshness = freshness
         self._manifest_fetches: InFlight[tuple[str, str, str], Manifest] = InFlight()
-        self._blob_heads: InFlight[str, int | None] = InFlight()
+        # Per registry, like downloads: see downloads.py for why not per repository too.
+        self._blob_heads: InFlight[tuple[str, str], int | None] = InFlight()
         self._stale: set[tuple[str, str, str]] = set()
         self._contents = ContentCache(_MANIFEST_MEMORY)
 
@@ -270,7 +273,7 @@ class Cache:
         size = self._index.blob_size(digest)
         if size is not None:
             return size
-        download = self._downloads.running(digest)
+        download = self._downloads.running(where.registry, digest)
         if download is not None and download.started.fired:
             await download.started.observe()
             return download.size
@@ -286,7 +289,7 @@ class Cache:
             except UpstreamNotFound:
                 raise blob_unknown(digest)
 
-        return await self._blob_heads.run(digest, head)
+        return await self._blob_heads.run((where.registry, digest), head)
 
     async def tags(self, where: Where, query: dict[str, str]) -> tuple[list[str], bool]:
         """The tag list: from upstream when reachable, else the cached tags."""
