@@ -174,14 +174,8 @@ class Cache:
                 raise OCIError(404, "MANIFEST_UNKNOWN", "the upstream no longer has this tag")
             if digest is None or not _verifiable(digest):
                 found = await self._fetch(where, tag, tag)
-            elif cached is not None and digest == cached.record.digest:
-                self._index.point_tag(where.registry, where.repository, tag, digest)
-                found = cached
             else:
-                found = self._cached_manifest(self._index.manifest(digest)) or await self._fetch(where, digest, tag)
-                self._index.point_tag(where.registry, where.repository, tag, found.record.digest)
-                if cached is not None:
-                    log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
+                found = await self._point(where, tag, digest, cached)
         except OCIError as e:
             if cached is None:
                 raise
@@ -191,6 +185,26 @@ class Cache:
                          where=str(where), tag=tag, why=e.message)
             return cached._replace(source="stale")
         self._stale.discard(key)
+        return found
+
+    async def _point(self, where: Where, tag: str, digest: str, cached: Manifest | None) -> Manifest:
+        """Point a tag at the digest upstream named, fetching the manifest unless it is cached.
+
+        A prune may remove the manifest at any time (while upstream was asked, or
+        from another process): the index then does not point the tag, and the
+        manifest is fetched again.
+        """
+        if cached is not None and digest == cached.record.digest:
+            found: Manifest | None = cached
+        else:
+            found = self._cached_manifest(self._index.manifest(digest))
+        if found is None or not self._index.point_tag(where.registry, where.repository, tag, digest):
+            found = await self._fetch(where, digest, tag)
+            # A fetch joined by digest may have recorded no tag.  Should a prune take the
+            # manifest yet again, the answer stands and the tag is recorded on the next pull.
+            self._index.point_tag(where.registry, where.repository, tag, digest)
+        if cached is not None and digest != cached.record.digest:
+            log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
         return found
 
     def _cached_manifest(self, record: ManifestRecord | None) -> Manifest | None:
