@@ -13,7 +13,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Generic, Hashable, NamedTuple, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,6 +35,11 @@ log = Logger()
 # Manifests are small and never change for a digest; keeping the hot ones in
 # memory spares a file read per request (the index still decides what exists).
 _MANIFEST_MEMORY = 16 * 1024 * 1024
+# Tags served stale are marked so that the warning is logged once per outage.  Clients
+# name the tags, so the marks are bounded: a mark dropped early only repeats a warning.
+_STALE_MARKS = 4096
+
+K = TypeVar("K", bound=Hashable)
 
 
 class ContentCache:
@@ -61,6 +66,31 @@ class ContentCache:
         while self._size > self._budget:
             _, dropped = self._entries.popitem(last=False)
             self._size -= len(dropped)
+
+
+class Marks(Generic[K]):
+    """A set of the most recently marked keys, up to a number of them."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._keys: OrderedDict[K, None] = OrderedDict()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: K) -> None:
+        """Mark a key, forgetting the least recently marked beyond the limit."""
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
+
+    def discard(self, key: K) -> None:
+        """Unmark a key, if marked."""
+        self._keys.pop(key, None)
 
 
 class Manifest(NamedTuple):
@@ -106,7 +136,7 @@ class Cache:
         self._manifest_fetches: InFlight[tuple[str, str, str], Manifest] = InFlight()
         # Per registry, like downloads: see downloads.py for why not per repository too.
         self._blob_heads: InFlight[tuple[str, str], int | None] = InFlight()
-        self._stale: set[tuple[str, str, str]] = set()
+        self._stale: Marks[tuple[str, str, str]] = Marks(_STALE_MARKS)
         self._contents = ContentCache(_MANIFEST_MEMORY)
 
     async def close(self) -> None:
