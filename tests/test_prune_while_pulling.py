@@ -87,7 +87,7 @@ class PruneBesideServerTests(WorkspaceTestCase):
         self.addCleanup(web.close)
         statuses: Counter[int] = Counter()
         wrong: list[str] = []
-        deadline = time.monotonic() + 20.0
+        deadline = time.monotonic() + 45.0
         prunes = 0
 
         async def get(path: str) -> bytes:
