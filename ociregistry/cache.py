@@ -1,7 +1,9 @@
 """The pull-through cache: answers from the index and store, else from upstream.
 
-Manifest fetches are coalesced by (registry, repository, reference) and blob
-downloads by digest, so concurrent clients cause one upstream request.
+Manifest fetches are coalesced by (registry, repository, reference), blob
+downloads and HEADs by (registry, digest), so concurrent clients cause one
+upstream request, and a client never waits on another registry than the one it
+named.  Content already verified on disk is shared by digest.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Generic, Hashable, NamedTuple, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -33,6 +35,11 @@ log = Logger()
 # Manifests are small and never change for a digest; keeping the hot ones in
 # memory spares a file read per request (the index still decides what exists).
 _MANIFEST_MEMORY = 16 * 1024 * 1024
+# Tags served stale are marked so that the warning is logged once per outage.  Clients
+# name the tags, so the marks are bounded: a mark dropped early only repeats a warning.
+_STALE_MARKS = 4096
+
+K = TypeVar("K", bound=Hashable)
 
 
 class ContentCache:
@@ -59,6 +66,31 @@ class ContentCache:
         while self._size > self._budget:
             _, dropped = self._entries.popitem(last=False)
             self._size -= len(dropped)
+
+
+class Marks(Generic[K]):
+    """A set of the most recently marked keys, up to a number of them."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._keys: OrderedDict[K, None] = OrderedDict()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: K) -> None:
+        """Mark a key, forgetting the least recently marked beyond the limit."""
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
+
+    def discard(self, key: K) -> None:
+        """Unmark a key, if marked."""
+        self._keys.pop(key, None)
 
 
 class Manifest(NamedTuple):
@@ -102,8 +134,9 @@ class Cache:
         self._clock = clock
         self._freshness = freshness
         self._manifest_fetches: InFlight[tuple[str, str, str], Manifest] = InFlight()
-        self._blob_heads: InFlight[str, int | None] = InFlight()
-        self._stale: set[tuple[str, str, str]] = set()
+        # Per registry, like downloads: see downloads.py for why not per repository too.
+        self._blob_heads: InFlight[tuple[str, str], int | None] = InFlight()
+        self._stale: Marks[tuple[str, str, str]] = Marks(_STALE_MARKS)
         self._contents = ContentCache(_MANIFEST_MEMORY)
 
     async def close(self) -> None:
@@ -171,14 +204,8 @@ class Cache:
                 raise OCIError(404, "MANIFEST_UNKNOWN", "the upstream no longer has this tag")
             if digest is None or not _verifiable(digest):
                 found = await self._fetch(where, tag, tag)
-            elif cached is not None and digest == cached.record.digest:
-                self._index.point_tag(where.registry, where.repository, tag, digest)
-                found = cached
             else:
-                found = self._cached_manifest(self._index.manifest(digest)) or await self._fetch(where, digest, tag)
-                self._index.point_tag(where.registry, where.repository, tag, found.record.digest)
-                if cached is not None:
-                    log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
+                found = await self._point(where, tag, digest, cached)
         except OCIError as e:
             if cached is None:
                 raise
@@ -188,6 +215,26 @@ class Cache:
                          where=str(where), tag=tag, why=e.message)
             return cached._replace(source="stale")
         self._stale.discard(key)
+        return found
+
+    async def _point(self, where: Where, tag: str, digest: str, cached: Manifest | None) -> Manifest:
+        """Point a tag at the digest upstream named, fetching the manifest unless it is cached.
+
+        A prune may remove the manifest at any time (while upstream was asked, or
+        from another process): the index then does not point the tag, and the
+        manifest is fetched again.
+        """
+        if cached is not None and digest == cached.record.digest:
+            found: Manifest | None = cached
+        else:
+            found = self._cached_manifest(self._index.manifest(digest))
+        if found is None or not self._index.point_tag(where.registry, where.repository, tag, digest):
+            found = await self._fetch(where, digest, tag)
+            # A fetch joined by digest may have recorded no tag.  Should a prune take the
+            # manifest yet again, the answer stands and the tag is recorded on the next pull.
+            self._index.point_tag(where.registry, where.repository, tag, digest)
+        if cached is not None and digest != cached.record.digest:
+            log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
         return found
 
     def _cached_manifest(self, record: ManifestRecord | None) -> Manifest | None:
@@ -270,7 +317,7 @@ class Cache:
         size = self._index.blob_size(digest)
         if size is not None:
             return size
-        download = self._downloads.running(digest)
+        download = self._downloads.running(where.registry, digest)
         if download is not None and download.started.fired:
             await download.started.observe()
             return download.size
@@ -286,7 +333,7 @@ class Cache:
             except UpstreamNotFound:
                 raise blob_unknown(digest)
 
-        return await self._blob_heads.run(digest, head)
+        return await self._blob_heads.run((where.registry, digest), head)
 
     async def tags(self, where: Where, query: dict[str, str]) -> tuple[list[str], bool]:
         """The tag list: from upstream when reachable, else the cached tags."""

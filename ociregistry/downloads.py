@@ -1,4 +1,11 @@
-"""Blob downloads: one upstream GET per digest, streamed to every reader as it grows.
+"""Blob downloads: one upstream GET per registry and digest, streamed to every reader as it grows.
+
+Downloads are coalesced per upstream registry, never across registries: a
+client asking one registry must not wait on another that is slow or hostile.
+The same digest may then be downloaded from two registries at once, each into
+a temporary file of its own; both are verified, the first renames its file into
+place, and the second's rename replaces it with identical bytes (readers
+holding the first file open keep it).
 
 A download writes into the store's temporary file.  Readers (client
 responses) open that file and read what has been written so far, waiting for
@@ -150,8 +157,15 @@ class BlobDownload(BlobSource):
                 waiter.callback(None)
 
 
+# The repository is not part of the key: upstream grants pulls per repository, but
+# the bytes are verified against the digest, so a download from one repository of a
+# registry is the very content a client of another repository there asked for (and
+# verified content on disk is shared by digest in any case).
+_Key = tuple[str, str]  # (registry, digest)
+
+
 class Downloads:
-    """The blob downloads in progress, at most one per digest."""
+    """The blob downloads in progress, at most one per registry and digest."""
 
     def __init__(
         self,
@@ -165,27 +179,29 @@ class Downloads:
         self._store = store
         self._index = index
         self._upstream = upstream
-        self._running: dict[str, BlobDownload] = {}
-        self._tasks: dict[str, Deferred[None]] = {}
-        self._prefetch = DeferredSemaphore(prefetch_concurrency)
+        self._running: dict[_Key, BlobDownload] = {}
+        self._tasks: dict[_Key, Deferred[None]] = {}
+        self._prefetch_concurrency = prefetch_concurrency
+        self._prefetches: dict[str, DeferredSemaphore] = {}
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._running)
 
-    def running(self, digest: str) -> BlobDownload | None:
-        """The download in progress for a digest, if any."""
-        return self._running.get(digest)
+    def running(self, registry: str, digest: str) -> BlobDownload | None:
+        """The download in progress of a digest from a registry, if any."""
+        return self._running.get((registry, digest))
 
     def fetch(self, registry: str, repository: str, digest: str) -> BlobDownload:
-        """Join the download of a blob, starting it if it is not running."""
-        download = self._running.get(digest)
+        """Join the download of a blob from a registry, starting it if it is not running."""
+        key = (registry, digest)
+        download = self._running.get(key)
         if download is None:
             download = BlobDownload(digest, self._store.begin(digest))
-            self._running[digest] = download
+            self._running[key] = download
             task = Deferred.fromCoroutine(self._run(download, registry, repository))
-            if digest in self._running:
-                self._tasks[digest] = task
+            if key in self._running:
+                self._tasks[key] = task
         return download
 
     async def close(self) -> None:
@@ -195,9 +211,24 @@ class Downloads:
             task.cancel()
 
     def prefetch(self, registry: str, repository: str, digests: list[str]) -> None:
-        """Fetch blobs in the background, a few at a time, so the image is complete offline."""
-        for digest in digests:
-            self._prefetch.run(self._prefetch_one, registry, repository, digest)
+        """Fetch blobs in the background, a few at a time per registry, so the image is complete offline.
+
+        Each registry has slots of its own: a slow one holds back only its own images.
+        """
+        slots = self._prefetches.get(registry)
+        if slots is None:
+            slots = self._prefetches[registry] = DeferredSemaphore(self._prefetch_concurrency)
+        # Queued before any is watched, so that the slots are dropped only when all are done.
+        jobs = [slots.run(self._prefetch_one, registry, repository, digest) for digest in digests]
+        for job in jobs:
+            job.addBoth(self._prefetched, registry, slots)
+
+    def _prefetched(self, result: None | Failure, registry: str, slots: DeferredSemaphore) -> None:
+        # Registries are named by clients: forget the slots of one with nothing left to fetch.
+        if slots.tokens == slots.limit and not slots.waiting and self._prefetches.get(registry) is slots:
+            del self._prefetches[registry]
+        if isinstance(result, Failure):
+            log.failure("Prefetch from {registry} failed", result, registry=registry)
 
     def _prefetch_one(self, registry: str, repository: str, digest: str) -> "Deferred[None]":
         if self._closed or self._index.blob_size(digest) is not None:
@@ -210,6 +241,7 @@ class Downloads:
 
     async def _run(self, download: BlobDownload, registry: str, repository: str) -> None:
         digest = download.digest
+        key = (registry, digest)
         result: None | Failure = None
         try:
             response = await self._upstream.open_blob(registry, repository, digest)
@@ -222,6 +254,8 @@ class Downloads:
                 fetched.inc(len(data))
 
             await self._upstream.read_body(response, write, registry)
+            # If another registry's download of this digest committed first, this commit
+            # renames identical verified bytes over its file, and the index keeps one row.
             size = await download.commit()
             self._index.record_blob(digest, size)
             log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
@@ -241,8 +275,8 @@ class Downloads:
         except Exception as e:
             log.failure("Download of {digest} from {registry} failed", digest=digest, registry=registry)
             result = Failure(OCIError(502, "UNAVAILABLE", f"download of {digest} failed: {e}"))
-        del self._running[digest]
-        self._tasks.pop(digest, None)
+        del self._running[key]
+        self._tasks.pop(key, None)
         if result is not None:
             download.fail(result)
         download.finished.fire(result)

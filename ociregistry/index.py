@@ -114,14 +114,17 @@ class Index:
         ).fetchone()
         return (ManifestRecord(*row[:7]), row[7]) if row else None
 
-    def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
-        """Point a tag at a cached manifest, confirmed now."""
-        self._db.execute(
-            "INSERT INTO tags (registry, repository, tag, digest, updated) VALUES (?, ?, ?, ?, ?)"
+    def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> bool:
+        """Point a tag at a cached manifest, confirmed now; False if the manifest is not cached (any more)."""
+        # One statement, so that a prune in between cannot make it a foreign key failure.
+        cursor = self._db.execute(
+            "INSERT INTO tags (registry, repository, tag, digest, updated)"
+            " SELECT ?, ?, ?, digest, ? FROM manifests WHERE digest = ?"
             " ON CONFLICT (registry, repository, tag)"
             " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
-            (registry, repository, tag, digest, self._now()),
+            (registry, repository, tag, self._now(), digest),
         )
+        return cursor.rowcount > 0
 
     def references(self, digest: str) -> list[Reference]:
         """What a cached manifest refers to."""

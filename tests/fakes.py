@@ -8,11 +8,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import treq
+from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from ociregistry.config import RegistrySettings
+from ociregistry.errors import OCIError
+from ociregistry.upstream import UpstreamNotFound
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -97,6 +104,21 @@ class FakeRegistry(Resource):
         self.redirect_blobs: str | None = None
         self.next_statuses: list[int] = []
         self.connections = 0
+        # Paces trickled blobs; unit tests give a Clock.
+        self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        # While holding, requests wait unanswered until ``release``.
+        self.holding = False
+        self._held: list[Any] = []
+
+    def release(self) -> None:
+        """Answer the requests held back, and stop holding."""
+        self.holding = False
+        held, self._held = self._held, []
+        for request in held:
+            body = self.render(request)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
 
     def add_image(self, repository: str, tag: str, image: Image) -> None:
         """Serve an image under a tag and its digest."""
@@ -132,6 +154,9 @@ class FakeRegistry(Resource):
         return False
 
     def render(self, request: Any) -> Any:
+        if self.holding:
+            self._held.append(request)
+            return NOT_DONE_YET
         path = request.path.decode()
         self.requests.append((request.method.decode(), path))
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -208,7 +233,7 @@ class FakeRegistry(Resource):
         if end >= len(content) and behaviour.drop_after is None:
             request.finish()
             return
-        pending[:] = [reactor.callLater(behaviour.delay, self._stream, request, content, end, behaviour, pending)]
+        pending[:] = [self.clock.callLater(behaviour.delay, self._stream, request, content, end, behaviour, pending)]
 
 
 async def listen(resource: Resource) -> tuple[int, Any]:
@@ -242,3 +267,61 @@ class TokenRealm(Resource):
         token = f"token-{len(self.requests)}"
         self.registry.valid_tokens.add(token)
         return json.dumps({"token": token, "expires_in": self.expires_in}).encode()
+
+
+class StubUpstream:
+    """The upstream client's public methods over fake registries in memory (StubTreq), by registry name.
+
+    What a registry sends after its first answer (a trickle, a released
+    request) arrives when ``flush`` pumps it.
+    """
+
+    def __init__(self, registries: dict[str, FakeRegistry]) -> None:
+        self._stubs = {name: StubTreq(registry) for name, registry in registries.items()}
+
+    def flush(self, *registries: str) -> None:
+        """Deliver what the named registries (or every one) have answered so far."""
+        for name in registries or list(self._stubs):
+            self._stubs[name].flush()
+
+    def settings(self, registry: str) -> RegistrySettings:
+        return RegistrySettings(name=registry, scheme="http")
+
+    def stop_retrying(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def _request(self, method: str, registry: str, path: str) -> Any:
+        response = await self._stubs[registry].request(method, f"http://{registry}{path}", unbuffered=True)
+        if response.code == 404:
+            raise UpstreamNotFound()
+        if response.code != 200:
+            raise OCIError(502, "UNAVAILABLE", f"upstream {registry} answered {response.code}")
+        return response
+
+    async def fetch_manifest(self, registry: str, repository: str, reference: str) -> tuple[bytes, str | None, str | None]:
+        response = await self._request("GET", registry, f"/v2/{repository}/manifests/{reference}")
+        content = await treq.content(response)
+        return content, _first_header(response, b"content-type"), _first_header(response, b"docker-content-digest")
+
+    async def manifest_digest(self, registry: str, repository: str, tag: str) -> str | None:
+        response = await self._request("HEAD", registry, f"/v2/{repository}/manifests/{tag}")
+        return _first_header(response, b"docker-content-digest")
+
+    async def head_blob(self, registry: str, repository: str, digest: str) -> int | None:
+        response = await self._request("HEAD", registry, f"/v2/{repository}/blobs/{digest}")
+        length = _first_header(response, b"content-length")
+        return int(length) if length else None
+
+    async def open_blob(self, registry: str, repository: str, digest: str) -> Any:
+        return await self._request("GET", registry, f"/v2/{repository}/blobs/{digest}")
+
+    def read_body(self, response: Any, sink: Any, source: str) -> Deferred[None]:
+        return treq.collect(response, sink)  # type: ignore[no-any-return]
+
+
+def _first_header(response: Any, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.cache import ContentCache
+from ociregistry import cache
+from ociregistry.cache import Cache, ContentCache, Marks
+from ociregistry.grammar import Upstream as Where
+from tests.fakes import make_image
+from tests.test_downloads import A, CacheOverStubs
 
 
 class ContentCacheTests(SynchronousTestCase):
@@ -25,3 +30,38 @@ class ContentCacheTests(SynchronousTestCase):
         cache = ContentCache(3)
         cache.put("a", b"1234")
         self.assertIsNone(cache.get("a"))
+
+
+class MarksTests(SynchronousTestCase):
+    """Marks keyed by client input stay bounded: the least recently marked go first."""
+
+    def test_bounded(self) -> None:
+        """Past the limit the oldest mark is forgotten; marking again makes a key recent."""
+        marks: Marks[str] = Marks(2)
+        marks.add("a")
+        marks.add("b")
+        marks.add("a")
+        marks.add("c")
+        self.assertEqual(("a" in marks, "b" in marks, "c" in marks, len(marks)), (True, False, True, 2))
+        marks.discard("a")
+        marks.discard("never")
+        self.assertEqual(("a" in marks, len(marks)), (False, 1))
+
+
+class StaleMarksTests(CacheOverStubs):
+    """The tags a cache marks as served stale are bounded."""
+
+    def test_stale_marks_bounded(self) -> None:
+        """Many tags served stale keep at most the limit of marks."""
+        self.patch(cache, "_STALE_MARKS", 2)
+        self.cache = Cache(self.index, self.store, self.upstream, self.downloads, self.clock)  # type: ignore[arg-type]
+        tags = [f"v{n}" for n in range(5)]
+        for tag in tags:
+            self.a.add_image("app", tag, make_image(tag.encode()))
+            self.successResultOf(Deferred.fromCoroutine(self.cache.manifest(Where(A, "app"), tag)))
+        self.clock.advance(301)
+        self.a.manifest_status = 500
+        for tag in tags:
+            found = self.successResultOf(Deferred.fromCoroutine(self.cache.manifest(Where(A, "app"), tag)))
+            self.assertEqual(found.source, "stale")
+        self.assertEqual(len(self.cache._stale), 2)

@@ -159,7 +159,7 @@ class PullTests(ServerTestCase):
 
                 def collect(data: bytes) -> None:
                     if not chunks:
-                        first_bytes.append(self.cache._downloads.running(digest) is not None)
+                        first_bytes.append(self.cache._downloads.running(self.registry, digest) is not None)
                     chunks.append(data)
 
                 await treq.collect(response, collect)
@@ -319,7 +319,7 @@ class MoreTests(ServerTestCase):
         whole = Deferred.fromCoroutine(self.get(f"/v2/app/blobs/{digest}"))
         await wait(0.1)
         response, body = await self.get(f"/v2/app/blobs/{digest}", headers={"Range": "bytes=100-199"})
-        self.assertIsNotNone(self.cache._downloads.running(digest))
+        self.assertIsNotNone(self.cache._downloads.running(self.registry, digest))
         self.assertEqual((response.code, body), (206, content[100:200]))
         response, body = await whole
         self.assertEqual(body, content)
