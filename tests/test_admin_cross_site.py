@@ -4,7 +4,6 @@ foreign Host names (DNS rebinding) and cross-site Origins, with or without the t
 from __future__ import annotations
 
 import json
-import os
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -130,4 +129,3 @@ class CrossSiteServerTests(WorkspaceTestCase):
             await sleep(0.05)
         self.assertEqual(server.returncode, 0)
         self.assertIn("Refused an admin request: Host 'rebound.example'", server.log_text())
-        os.remove(server.log_path)

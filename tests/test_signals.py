@@ -7,7 +7,35 @@ import os
 import signal
 import time
 
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from ociregistry.logs import LogFile, observer
 from tests.realparts import Server, WorkspaceTestCase, http_request, sleep, start_server
+
+
+class LogFileTests(SynchronousTestCase):
+    """The file behind --log-file, reopened by name."""
+
+    def test_reopen_follows_the_name(self) -> None:
+        """After the file is moved, reopen continues in a new file of the same name; a failed reopen keeps the old."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "server.log")
+        output = LogFile(path)
+        log = Logger(namespace="test", observer=observer("info", output, False))
+        log.info("one")
+        os.rename(path, path + ".1")
+        log.info("two")
+        output.reopen()
+        log.info("three")
+        self.assertEqual([_read(path + ".1").count(word) for word in ("one", "two", "three")], [1, 1, 0])
+        self.assertIn("three", _read(path))
+        os.rename(path, path + ".2")
+        os.mkdir(path)  # not a file that can be opened, even by root
+        output.reopen()
+        log.info("four")
+        self.assertIn("four", _read(path + ".2"))
 
 
 class SignalTests(WorkspaceTestCase):
