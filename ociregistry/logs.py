@@ -1,4 +1,4 @@
-"""Logging: the observer twistd writes through, and the access line of each request."""
+"""Logging: the observer twistd writes through, the log file it reopens, and the access line of each request."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import sys
 import time
 from typing import IO, Any
 
-from twisted.logger import Logger
-
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEventAsClassicLogText,

@@ -257,7 +257,7 @@ class LoadTests(TestCase):
         self.assertEqual(self.cached_blobs(), {digest_of(config), *map(digest_of, layers)})
 
     async def test_preload_service_accepts_after_loading(self) -> None:
-        """The listeners' ports are bound at the privileged start, and accept connections only once the files are loaded."""
+        """The listeners' ports are bound at the privileged start, and accept only once the files are loaded."""
         await self.start()
         image = make_image(b"preloaded layer")
         self.upstream.add_image("app", "v1", image)
