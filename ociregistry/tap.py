@@ -287,14 +287,14 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
     server_tls = _server_tls(options, settings)
     tls_port = options["tls-port"]
     tls_listen: tuple[str, ...] = ()
+    if tls_port is not None and server_tls is None:
+        raise usage.UsageError("--tls-port: needs --tls-cert and --tls-key (or serverTlsConfig)")
     if server_tls is not None and tls_port is None:
-        tls_listen = on_port
+        tls_listen = on_port  # HTTPS on --port
     else:
         listen += on_port
-    if server_tls is not None and tls_port is not None:
-        tls_listen = (_tcp("--tls-port", tls_port, host),)
-    elif tls_port is not None:
-        raise usage.UsageError("--tls-port: needs --tls-cert and --tls-key (or serverTlsConfig)")
+        if tls_port is not None:
+            tls_listen = (_tcp("--tls-port", tls_port, host),)
     health = _choose(options["health"], settings.health, None)
     metrics = _choose(options["metrics"], settings.metrics, None)
     log_level = _choose(options["log-level"], settings.log_level, "info")
