@@ -2,13 +2,19 @@
 
 The Go server's endpoints, parameters and text output, plus ``?format=json``:
 ``GET /cmd/manifest/list``, ``GET /cmd/image/list``, ``GET /cmd/blob/list``,
-``DELETE /cmd/prune`` and ``GET /cmd/stop``.  With a token, every request
+``DELETE /cmd/prune`` and ``POST /cmd/stop``.  With a token, every request
 must carry ``Authorization: Bearer <token>``.
+
+Web pages must not drive it: requests naming a foreign ``Host`` (DNS rebinding)
+or coming from another origin (``Origin``, ``Sec-Fetch-Site``) are refused, and
+what changes state needs a method (``POST``, ``DELETE``) that a page cannot send
+cross-site without these headers giving it away.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import re
 from typing import Any, Callable
@@ -51,23 +57,30 @@ class AdminAPI(Resource):
     isLeaf = True
 
     def __init__(self, index: Index, store: BlobStore, clock: IReactorTime,
-                 stop: Callable[[], None], token: str | None = None) -> None:
+                 stop: Callable[[], None], token: str | None = None, listen_host: str = "") -> None:
         super().__init__()
         self._index = index
         self._store = store
         self._clock = clock
         self._stop = stop
         self._token = token
+        self._listen_host = listen_host
         self._routes: dict[tuple[str, bytes], Callable[[dict[str, str]], tuple[str, Any]]] = {
             ("manifest/list", b"GET"): self._manifest_list,
             ("image/list", b"GET"): self._image_list,
             ("blob/list", b"GET"): self._blob_list,
             ("prune", b"DELETE"): self._prune,
-            ("stop", b"GET"): self._stop_server,
+            ("stop", b"POST"): self._stop_server,
         }
 
     def render(self, request: Request) -> bytes:
-        """Check the token, route, and answer in text or JSON."""
+        """Refuse other sites, check the token, route, and answer in text or JSON."""
+        refusal = self._cross_site(request)
+        if refusal is not None:
+            log.warn("Refused an admin request: {why}", why=refusal)
+            request.setResponseCode(403)
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps({"errors": [{"code": "DENIED", "message": refusal}]}).encode("utf-8") + b"\n"
         if not self._authorized(request):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="ociregistry-admin"')
             return _answer(request, 401, "unauthorized\n")
@@ -92,6 +105,33 @@ class AdminAPI(Resource):
             request.setHeader(b"Content-Type", b"application/json")
             return json.dumps(document, indent=2).encode("utf-8") + b"\n"
         return _answer(request, 200, text)
+
+    def _cross_site(self, request: Request) -> str | None:
+        """Why a request may come from a web page of another site, or None."""
+        host = _header(request, b"host")
+        if not self._own_host(request, _host_name(host)):
+            return f"Host {host!r} is not a name of this listener: use a loopback address or {self._listen_host!r}"
+        origin = _header(request, b"origin")
+        scheme = "https" if request.isSecure() else "http"
+        if origin and origin != f"{scheme}://{host}":
+            return f"Origin {origin!r} is another site than {scheme}://{host}"
+        fetch_site = _header(request, b"sec-fetch-site")
+        if fetch_site not in ("", "same-origin", "none"):
+            return f"Sec-Fetch-Site {fetch_site!r}: the request comes from another site"
+        return None
+
+    def _own_host(self, request: Request, name: str) -> bool:
+        """Whether a Host names this listener: loopback, its configured address, or the address connected to."""
+        if not name:
+            return True  # only clients other than browsers leave out Host
+        if name in ("localhost", self._listen_host) or name.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        local = getattr(request.getHost(), "host", None)
+        return address.is_loopback or str(address) == local
 
     def _authorized(self, request: Request) -> bool:
         if self._token is None:
@@ -193,6 +233,17 @@ def _image_document(image: CachedImage) -> dict[str, Any]:
             "created": image.created, "pulled": image.pulled, "size": image.size}
 
 
+def _header(request: Request, name: bytes) -> str:
+    return (request.getHeader(name) or b"").decode("latin-1").strip()
+
+
+def _host_name(host: str) -> str:
+    """The name or address of a Host header, without the port or an IPv6 address's brackets."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def _answer(request: Request, status: int, text: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -200,19 +251,28 @@ def _answer(request: Request, status: int, text: str) -> bytes:
 
 
 def admin_site(index: Index, image_path: str, clock: IReactorTime, stop: Callable[[], None],
-               token: str | None = None) -> Site:
-    """The admin web site: /cmd/..."""
+               token: str | None = None, listen_host: str = "") -> Site:
+    """The admin web site: /cmd/..., answering requests for a loopback name or ``listen_host``."""
     root = Resource()
-    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token))
+    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token, listen_host))
     site = Site(root)
     site.displayTracebacks = False
     return site
+
+
+def _interface(listen: str) -> str:
+    """The address an endpoint string listens on, if it names one (``interface=``)."""
+    for part in re.split(r"(?<!\\):", listen)[1:]:
+        key, _, value = part.partition("=")
+        if key == "interface":
+            return value.replace("\\:", ":")
+    return ""
 
 
 def make_admin_service(index: Index, image_path: str, listen: str, reactor: Any,
                        stop: Callable[[], None], token: str | None = None) -> StreamServerEndpointService:
     """The admin API listening where ``listen`` (a Twisted endpoint string) says."""
     service = StreamServerEndpointService(
-        serverFromString(reactor, listen), admin_site(index, image_path, reactor, stop, token))
+        serverFromString(reactor, listen), admin_site(index, image_path, reactor, stop, token, _interface(listen)))
     service.setName("admin")
     return service

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any, Callable, Coroutine, cast
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ociregistry.cache import Cache
 from ociregistry.downloads import BlobDownload
@@ -441,7 +443,12 @@ async def load_files(loader: Loader, paths: list[str], concurrency: int, report:
 
 
 class PreloadService(MultiService):
-    """Starts its children (the listeners) only once the preload files are in the cache."""
+    """Runs its children (the listeners) from the start, but lets them accept only once the preload is done.
+
+    The ports are bound at the privileged start, as twistd may drop privileges
+    right after; a client connecting meanwhile waits in the listen queue, and is
+    answered once the preload files are in the cache.
+    """
 
     def __init__(self, loader: Loader, paths: list[str], concurrency: int = 3) -> None:
         super().__init__()
@@ -449,13 +456,20 @@ class PreloadService(MultiService):
         self._paths = paths
         self._concurrency = concurrency
         self._loading: Deferred[None] | None = None
-        self._children_started = False
+        self._held: list[Any] | None = []
 
-    def privilegedStartService(self) -> None:
-        Service.privilegedStartService(self)
+    def hold(self, endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        """An endpoint whose listening port accepts no connection until the preload is done."""
+        return _HeldEndpoint(endpoint, self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        if self._held is not None:
+            port.stopReading()
+            self._held.append(port)
+        return port
 
     def startService(self) -> None:
-        Service.startService(self)
+        super().startService()
         self._loading = Deferred.fromCoroutine(self._preload())
 
     async def _preload(self) -> None:
@@ -468,18 +482,27 @@ class PreloadService(MultiService):
             return
         except Exception:
             log.failure("Preloading failed; serving what is cached")
-        self._children_started = True
-        MultiService.privilegedStartService(self)
-        for child in self:
-            child.startService()
+        held, self._held = self._held or [], None
+        for port in held:
+            port.startReading()
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         if self._loading is not None and not self._loading.called:
             self._loading.cancel()
-        if not self._children_started:
-            Service.stopService(self)
-            return None
-        return cast("Deferred[None]", MultiService.stopService(self))
+        return cast("Deferred[None]", super().stopService())
+
+
+@implementer(IStreamServerEndpoint)
+class _HeldEndpoint:
+    """Listens through another endpoint, and hands the port on to be held."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, listening: Callable[[Any], Any]) -> None:
+        self._endpoint = endpoint
+        self._listening = listening
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """Listen, not accepting yet if the preload is still running."""
+        return self._endpoint.listen(protocolFactory).addCallback(self._listening)
 
 
 def _log_report(name: str, result: Loaded | Exception) -> None:
@@ -492,6 +515,6 @@ def _log_report(name: str, result: Loaded | Exception) -> None:
 
 def make_preload_service(cache: Cache, index: Index, image_path: str, paths: list[str],
                          platform: Platform | None, default_ns: str, reactor: Any) -> PreloadService:
-    """A service that loads image lists and tarballs and then starts its children (add the listeners)."""
+    """A service that loads image lists and tarballs; add the listeners as children, through ``hold``."""
     loader = Loader(cache, index, threaded_store(image_path, reactor), platform, default_ns)
     return PreloadService(loader, paths)

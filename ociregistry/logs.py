@@ -1,4 +1,4 @@
-"""Logging: the observer twistd writes through, and the access line of each request."""
+"""Logging: the observer twistd writes through, the log file it reopens, and the access line of each request."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEventAsClassicLogText,
     jsonFileLogObserver,
 )
+
+log = Logger()
 
 LEVELS = {"error": LogLevel.error, "warn": LogLevel.warn, "info": LogLevel.info, "debug": LogLevel.debug}
 
@@ -28,16 +31,44 @@ def short_digests(text: str) -> str:
     return _DIGEST.sub(lambda m: (m.group(1) or m.group(2)) + "...", text)
 
 
-def observer(level: str, path: str | None, json_format: bool) -> ILogObserver:
-    """Log events at ``level`` and above, as text or JSON lines, to a file or standard output.
+class LogFile:
+    """The log file, appended to, that ``reopen`` opens again by its name (after logrotate moved it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stream: IO[str] = open(path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        """Append text."""
+        self._stream.write(text)
+
+    def flush(self) -> None:
+        """Flush what was written."""
+        self._stream.flush()
+
+    def reopen(self) -> None:
+        """Continue in a file opened anew by the same name; keep the old one if it cannot be opened."""
+        try:
+            stream = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            log.error("Could not reopen the log file, still writing to the old one: {why}", why=e)
+            return
+        old, self._stream = self._stream, stream
+        old.close()
+        log.info("Reopened the log file {path}", path=self.path)
+
+
+def observer(level: str, output: str | LogFile | None, json_format: bool) -> ILogObserver:
+    """Log events at ``level`` and above, as text or JSON lines, to a file (a path) or standard output.
 
     Human lines carry shortened digests; JSON events keep them whole.
     """
-    stream: IO[Any] = open(path, "a", encoding="utf-8") if path else sys.stdout
+    stream: IO[Any] | LogFile = LogFile(output) if isinstance(output, str) else (output or sys.stdout)
     if json_format:
-        target: ILogObserver = jsonFileLogObserver(stream)
+        target: ILogObserver = jsonFileLogObserver(stream)  # type: ignore[arg-type]
     else:
-        target = FileLogObserver(stream, lambda event: short_digests(formatEventAsClassicLogText(event) or ""))
+        target = FileLogObserver(stream,  # type: ignore[arg-type]
+                                 lambda event: short_digests(formatEventAsClassicLogText(event) or ""))
     return FilteringLogObserver(target, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -120,7 +121,7 @@ class Options(usage.Options):
         ["port", "p", None, "TCP port to listen on [default: 8080]."],
         ["host", None, None, "Address to listen on [default: all addresses]."],
         ["listen", None, None, "A Twisted server endpoint string, e.g. tcp:8080:interface=127.0.0.1 "
-         "(repeatable; replaces --port/--host)."],
+         "(repeatable; --port/--host on the command line add a listener beside these)."],
         ["config-file", "c", None, "YAML configuration file (registries, timeouts, ...)."],
         ["default-ns", None, None, "Upstream for names without a registry [default: docker.io]."],
         ["pull-timeout", None, None, "Seconds to wait for an upstream's answer [default: 60]."],
@@ -247,17 +248,12 @@ def _server_tls(options: usage.Options, settings: FileSettings) -> ServerTLSSett
 def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig:
     """Combine options and file settings into the server's configuration."""
     image_path = _choose(options["image-path"], settings.image_path, "/var/lib/ociregistry")
-    port = _choose(options["port"], settings.port, 8080)
-    try:
-        port = int(port)
-        if not 0 <= port < 65536:
-            raise ValueError
-    except ValueError:
-        raise usage.UsageError(f"--port: not a TCP port number: {port!r}")
     host = _choose(options["host"], settings.host, "")
+    # As in twistd's web plugin, --port adds to --listen; only the config file's port gives way to --listen.
+    on_port: tuple[str, ...] = ()
+    if not options["listen"] or options["port"] is not None or options["host"] is not None:
+        on_port = (_tcp("--port", _choose(options["port"], settings.port, 8080), host),)
     listen = tuple(options["listen"])
-    if not listen:
-        listen = (f"tcp:{port}" + (f":interface={host}" if host else ""),)
     from twisted.internet import reactor
 
     for description in listen:
@@ -291,13 +287,14 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
     server_tls = _server_tls(options, settings)
     tls_port = options["tls-port"]
     tls_listen: tuple[str, ...] = ()
-    if server_tls is not None:
+    if tls_port is not None and server_tls is None:
+        raise usage.UsageError("--tls-port: needs --tls-cert and --tls-key (or serverTlsConfig)")
+    if server_tls is not None and tls_port is None:
+        tls_listen = on_port  # HTTPS on --port
+    else:
+        listen += on_port
         if tls_port is not None:
             tls_listen = (_tcp("--tls-port", tls_port, host),)
-        elif not options["listen"]:
-            listen, tls_listen = (), listen
-    elif tls_port is not None:
-        raise usage.UsageError("--tls-port: needs --tls-cert and --tls-key (or serverTlsConfig)")
     health = _choose(options["health"], settings.health, None)
     metrics = _choose(options["metrics"], settings.metrics, None)
     log_level = _choose(options["log-level"], settings.log_level, "info")
@@ -364,18 +361,54 @@ class CacheService(Service):
 
 
 class OCIRegistryService(MultiService):
-    """The whole server; under twistd it also chooses the log observer."""
+    """The whole server; under twistd it also chooses the log observer.
 
-    def __init__(self, config: ServerConfig) -> None:
+    While it runs, SIGHUP re-reads the HTTPS certificates (if any) and reopens the
+    log file, and SIGUSR1 reopens the log file only; neither ends the server.
+    """
+
+    def __init__(self, config: ServerConfig, reactor: Any, tls: ServerTLS | None = None) -> None:
         super().__init__()
         self._config = config
+        self._reactor = reactor
+        self._tls = tls
+        self._log_file: logs.LogFile | None = None
+        self._previous_handlers: dict[int, Any] = {}
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd logs through an application's ILogObserver component, if it has one.
         if isinstance(parent, Componentized):
             config = self._config
-            parent.setComponent(ILogObserver, logs.observer(config.log_level, config.log_file, config.log_json))
+            self._log_file = logs.LogFile(config.log_file) if config.log_file else None
+            parent.setComponent(ILogObserver, logs.observer(config.log_level, self._log_file, config.log_json))
         super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        for number in (signal.SIGHUP, signal.SIGUSR1):
+            self._previous_handlers[number] = signal.signal(number, self._on_signal)
+
+    def stopService(self) -> Deferred[None]:
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers.clear()
+        return cast("Deferred[None]", super().stopService())
+
+    def _on_signal(self, number: int, frame: Any) -> None:
+        # A signal handler may interrupt the reactor anywhere; the work waits for the reactor's next turn.
+        self._reactor.callFromThread(self.reload if number == signal.SIGHUP else self.reopen_log)
+
+    def reload(self) -> None:
+        """Re-read the HTTPS certificates, and reopen the log file."""
+        log.info("Reloading on SIGHUP")
+        if self._tls is not None:
+            self._tls.reload()
+        self.reopen_log()
+
+    def reopen_log(self) -> None:
+        """Reopen the log file (logrotate moved it); nothing to do when logging to standard output."""
+        if self._log_file is not None:
+            self._log_file.reopen()
 
 
 def log_banner(config: ServerConfig, cache: Cache) -> None:
@@ -443,30 +476,38 @@ def makeService(options: Options) -> IService:
     config: ServerConfig = options.config
     metrics = Metrics()
     cache, index, swept = open_cache(config, reactor, metrics)
+    _hand_over(config.image_path, options.parent)
     site, api = make_site(cache, config, metrics)
-    service = OCIRegistryService(config)
+    tls = None if config.server_tls is None else ServerTLS(config.server_tls)
+    service = OCIRegistryService(config, reactor, tls)
     CacheService(cache, api, config, reactor).setServiceParent(service)
     TimerService(_PULL_FLUSH_SECONDS, _flush_pulls, index).setServiceParent(service)
     TimerService(_METRICS_REFRESH_SECONDS, _refresh_metrics, metrics, index).setServiceParent(service)
-    listeners = service
+    listeners: MultiService = service
+    preload = None
     if config.preload_images:
-        listeners = make_preload_service(cache, index, config.image_path, [config.preload_images],
-                                         host_platform(config.os, config.arch), config.default_ns, reactor)
-        listeners.setServiceParent(service)
+        preload = make_preload_service(cache, index, config.image_path, [config.preload_images],
+                                       host_platform(config.os, config.arch), config.default_ns, reactor)
+        preload.setServiceParent(service)
+        listeners = preload
+
+    def endpoint(description: str) -> IStreamServerEndpoint:
+        # With a preload, the port is bound before twistd drops privileges, and accepts once it is done.
+        found = serverFromString(reactor, description)
+        return found if preload is None else preload.hold(found)
+
     for description in config.listen:
         factory = site if description.startswith("ssl:") else plain_http(site)
-        StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(listeners)
+        StreamServerEndpointService(endpoint(description), factory).setServiceParent(listeners)
     if config.admin_listen != "none":
         make_admin_service(index, config.image_path, config.admin_listen, reactor, reactor.stop,
                            config.admin_token).setServiceParent(service)
     if config.prune is not None and config.prune.enabled:
         make_prune_service(config.prune, index, config.image_path, reactor).setServiceParent(service)
-    if config.server_tls is not None:
-        tls = ServerTLS(config.server_tls)
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
+    if tls is not None:
         for description in config.tls_listen:
             factory = TLSMemoryBIOFactory(tls, False, site)
-            StreamServerEndpointService(serverFromString(reactor, description), factory).setServiceParent(listeners)
+            StreamServerEndpointService(endpoint(description), factory).setServiceParent(listeners)
     for description, name, resource in [(config.health_listen, b"health", Health(cache.health)),
                                         (config.metrics_listen, b"metrics", metrics.resource())]:
         if description is not None:
@@ -475,6 +516,18 @@ def makeService(options: Options) -> IService:
     if swept:
         log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)
     return service
+
+
+def _hand_over(image_path: str, twistd_options: usage.Options | None) -> None:
+    """Give what start-up created under the image path to the user twistd is about to switch to (--uid/--gid)."""
+    if twistd_options is None or os.getuid() != 0:
+        return
+    uid, gid = twistd_options.get("uid"), twistd_options.get("gid")
+    if uid is None and gid is None:
+        return
+    uid, gid = -1 if uid is None else uid, -1 if gid is None else gid
+    for path in [image_path, *(os.path.join(image_path, name) for name in os.listdir(image_path))]:
+        os.chown(path, uid, gid, follow_symlinks=False)
 
 
 def _flush_pulls(index: Index) -> None:

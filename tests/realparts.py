@@ -1024,10 +1024,14 @@ class Server:
             return ""
 
 
+def installed_script(name: str) -> str:
+    """A console script installed beside the running interpreter (never one found on PATH)."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
 def twistd_command(*args: str) -> list[str]:
-    """twistd in the foreground, without a pid file, run by this Python."""
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", *args]
+    """The twistd installed beside this Python, in the foreground, without a pid file."""
+    return [installed_script("twistd"), "--nodaemon", "--pidfile=", *args]
 
 
 async def start_server(image_path: str, *, test: TestCase, args: Sequence[str] = (),

@@ -35,13 +35,13 @@ class AdminAPITests(SynchronousTestCase):
 
     def request(self, method: str, path: str, token: str | None = "s3cret") -> tuple[int, str]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        response = self.successResultOf(self.http.request(method, "http://admin" + path, headers=headers))
+        response = self.successResultOf(self.http.request(method, "http://127.0.0.1:8081" + path, headers=headers))
         return response.code, self.successResultOf(response.text())
 
     def test_token_enforced(self) -> None:
         """Without the right bearer token every endpoint answers 401 and does nothing."""
         for token in (None, "wrong"):
-            code, _ = self.request("GET", "/cmd/stop", token)
+            code, _ = self.request("POST", "/cmd/stop", token)
             self.assertEqual(code, 401)
         self.clock.advance(1)
         self.assertEqual(self.stops, [])
@@ -82,8 +82,8 @@ class AdminAPITests(SynchronousTestCase):
         self.assertEqual(self.request("GET", "/cmd/prune?type=pattern&expr=x")[0], 405)
 
     def test_stop(self) -> None:
-        """GET /cmd/stop answers, then stops the server."""
-        self.assertEqual(self.request("GET", "/cmd/stop"), (200, "stopping\n"))
+        """POST /cmd/stop answers, then stops the server."""
+        self.assertEqual(self.request("POST", "/cmd/stop"), (200, "stopping\n"))
         self.clock.advance(0)
         self.assertEqual(self.stops, [None])
         self.assertEqual(self.request("GET", "/cmd/nothing")[0], 404)
@@ -121,7 +121,7 @@ class AdminServerTests(TestCase):
         headers: dict[Any, Any] = {"Authorization": "Bearer t0ken"}
         response, body = await http_request("GET", f"{admin}/cmd/manifest/list", headers=headers)
         self.assertEqual((response.code, body), (200, b"no manifests found\n"))
-        response, body = await http_request("GET", f"{admin}/cmd/stop", headers=headers)
+        response, body = await http_request("POST", f"{admin}/cmd/stop", headers=headers)
         self.assertEqual((response.code, body), (200, b"stopping\n"))
         for _ in range(300):
             if not server.running:

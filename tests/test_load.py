@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from twisted.application.service import Service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -255,8 +256,8 @@ class LoadTests(TestCase):
             self.assertEqual(record.digest, digest)
         self.assertEqual(self.cached_blobs(), {digest_of(config), *map(digest_of, layers)})
 
-    async def test_preload_service_listens_after_loading(self) -> None:
-        """The preload service starts its children (the listeners) only once the files are loaded."""
+    async def test_preload_service_accepts_after_loading(self) -> None:
+        """The listeners' ports are bound at the privileged start, and accept only once the files are loaded."""
         await self.start()
         image = make_image(b"preloaded layer")
         self.upstream.add_image("app", "v1", image)
@@ -264,25 +265,53 @@ class LoadTests(TestCase):
         with open(listing, "w") as f:
             f.write(f"{self.registry}/app:v1\n{self.registry}/absent:v1\n")
         service = PreloadService(self.loader, [listing])
-        listener = Service()
-        listener.setServiceParent(service)
+        port = HeldPort()
+        StreamServerEndpointService(service.hold(PortEndpoint(port)), Factory()).setServiceParent(service)
+        service.privilegedStartService()
+        self.assertEqual(port.events, ["listening", "paused"])
         service.startService()
-        self.assertFalse(listener.running)
+        self.assertEqual(port.events, ["listening", "paused"])
         assert service._loading is not None
         await service._loading
-        self.assertTrue(listener.running)
+        self.assertEqual(port.events, ["listening", "paused", "accepting"])
         self.assertEqual(self.cached_blobs(), set(image.blobs))
-        stopped = service.stopService()
-        assert stopped is not None
-        await stopped
-        self.assertFalse(listener.running)
+        await service.stopService()
+        self.assertEqual(port.events[-1], "closed")
         unstarted = PreloadService(self.loader, [listing])
-        Service().setServiceParent(unstarted)
+        port = HeldPort()
+        StreamServerEndpointService(unstarted.hold(PortEndpoint(port)), Factory()).setServiceParent(unstarted)
         unstarted.startService()
-        self.assertIsNone(unstarted.stopService())
+        await unstarted.stopService()
         self.assertTrue(unstarted._loading is not None and unstarted._loading.called)
+        self.assertEqual(port.events, ["listening", "paused", "closed"])
         with self.assertRaises(OCIError):
             await self.loader.load_reference(f"{self.registry}/absent:v1")
+
+
+class HeldPort:
+    """A listening port that records whether it accepts connections."""
+
+    def __init__(self) -> None:
+        self.events = ["listening"]
+
+    def stopReading(self) -> None:
+        self.events.append("paused")
+
+    def startReading(self) -> None:
+        self.events.append("accepting")
+
+    def stopListening(self) -> None:
+        self.events.append("closed")
+
+
+class PortEndpoint:
+    """An endpoint whose listen gives a HeldPort."""
+
+    def __init__(self, port: HeldPort) -> None:
+        self.port = port
+
+    def listen(self, factory: Any) -> Deferred[HeldPort]:
+        return succeed(self.port)
 
 
 def go_holder(url: str, content: bytes, created: str = "2024-03-01T10:00:00",
