@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from typing import Any
 
 import yaml
@@ -22,14 +21,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
-from ociregistry.allowlist import Allowlist, resolver
+from ociregistry.allowlist import Allowlist, HostLookups
 from ociregistry.cache import Cache, Freshness
 from ociregistry.config import (
     ConfigError,
@@ -49,6 +47,7 @@ from ociregistry.index import Index
 from ociregistry.load import host_platform, make_preload_service
 from ociregistry.prune import make_prune_service
 from ociregistry.store import BlobStore
+from ociregistry.threads import WorkerThreads
 from ociregistry.upstream import Upstream
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
@@ -59,6 +58,7 @@ log = Logger()
 
 _PULL_FLUSH_SECONDS = 10.0
 _METRICS_REFRESH_SECONDS = 15.0
+_DISK_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class ServerConfig:
     os: str | None = None
     arch: str | None = None
     prune: PruneSettings | None = None
+    dns_threads: int = 8
+    dns_timeout: float = 10.0
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data, secrets masked, for --print-config."""
@@ -148,6 +150,8 @@ class Options(usage.Options):
         ["log-file", None, None, "Write the log here instead of standard output."],
         ["log-format", None, "text", "text, or json for log shippers."],
         ["shutdown-grace", None, "10", "Seconds to let responses and downloads finish at shutdown."],
+        ["dns-threads", None, "8", "Threads looking up upstream host names (getaddrinfo)."],
+        ["dns-timeout", None, "10s", "How long a lookup of an upstream host name may take before it is a 504."],
     ]
     optFlags: list[list[Any]] = [
         ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
@@ -204,6 +208,17 @@ def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not allow_never):
         raise usage.UsageError(f"--{option}: must be a positive duration: {value!r}")
     return seconds
+
+
+def _count(option: str, value: Any) -> int:
+    """A positive whole number from an option."""
+    try:
+        number = int(value)
+        if number < 1:
+            raise ValueError
+    except ValueError:
+        raise usage.UsageError(f"--{option}: must be a positive whole number: {value!r}")
+    return number
 
 
 def _tcp(option: str, port: Any, host: str) -> str:
@@ -315,6 +330,8 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         log_file=_choose(options["log-file"], settings.log_file, None),
         log_json=options["log-format"] == "json",
         shutdown_grace=_seconds("shutdown-grace", options["shutdown-grace"]),
+        dns_threads=_count("dns-threads", options["dns-threads"]),
+        dns_timeout=_seconds("dns-timeout", options["dns-timeout"]),
         listen=listen,
         default_ns=default_ns,
         registries=tuple(settings.registries),
@@ -400,12 +417,19 @@ def log_banner(config: ServerConfig, cache: Cache) -> None:
 def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Cache, Index, int]:
     """Open (or create) the cache under the image path: (cache, index, swept temporaries)."""
     os.makedirs(config.image_path, exist_ok=True)
-    to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
-    store = BlobStore(config.image_path, to_thread)
+    # Blocking work gets threads of its own, not the reactor's (/metrics renders there):
+    # name lookups chosen by clients must never delay a commit's fsync, nor the reverse.
+    disk = WorkerThreads(reactor, "disk", _DISK_THREADS)
+    names = WorkerThreads(reactor, "dns", config.dns_threads)
+    # Lookups still queued are dropped as shutdown begins; disk work once responses had their grace.
+    reactor.addSystemEventTrigger("before", "shutdown", names.close)
+    reactor.addSystemEventTrigger("during", "shutdown", disk.close)
+    store = BlobStore(config.image_path, disk.run)
     swept = store.prepare()
     index = Index(os.path.join(config.image_path, "index.db"), reactor)
+    lookups = HostLookups(reactor, names.run, timeout=config.dns_timeout)
     allowlist = Allowlist(
-        reactor, resolver(to_thread), [r.name for r in config.registries],
+        reactor, lookups.addresses, [r.name for r in config.registries],
         config.allow_upstreams, config.allow_any_upstream,
     )
     upstream = Upstream(
@@ -417,6 +441,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
         idle_timeout=config.idle_timeout,
         max_manifest_size=config.max_manifest_size,
         metrics=metrics,
+        name_resolver=lookups,
     )
     freshness = Freshness(config.tag_ttl, config.always_pull_latest, config.air_gapped)
     downloads = Downloads(store, index, upstream, metrics)
