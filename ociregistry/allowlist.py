@@ -6,8 +6,9 @@ be contacted only when every address it resolves to is public.
 
 Clients choose the names looked up, so lookups are bounded: they run on
 threads of their own, identical ones are coalesced, answers are cached for a
-while in a cache of bounded size, each lookup has a deadline, and a client
-may have only so many lookups under way.  getaddrinfo is used rather than a
+while in a cache of bounded size, each lookup has a deadline, clients take
+turns for the threads, and a client may have only so many lookups under way.
+getaddrinfo is used rather than a
 DNS client because it honours /etc/hosts and nsswitch, as users expect.
 """
 
@@ -19,7 +20,7 @@ import ipaddress
 import socket
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 from urllib.parse import urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -38,7 +39,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ociregistry.errors import OCIError
-from ociregistry.threads import Closed
 
 log = Logger()
 
@@ -53,12 +53,16 @@ def lookups_on_behalf_of(client: IAddress) -> None:
     _client.set(client.host if isinstance(client, (IPv4Address, IPv6Address)) else None)
 
 
+def _shutting_down(host: str) -> OCIError:
+    return OCIError(503, "UNAVAILABLE", f"the server is shutting down; {host} was not looked up")
+
+
 def _addresses(host: str) -> list[str]:
     try:
         found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except UnicodeError as e:
         # A label the IDNA codec refuses (too long, empty) names no host.
-        raise OSError(f"not a host name: {e}")
+        raise OSError(f"not a host name: {e}") from None
     return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
@@ -150,20 +154,24 @@ def _is_address(host: str) -> bool:
 
 @dataclass
 class _Lookup:
-    """A lookup under way, and the callers waiting for it."""
+    """A lookup wanted, and the callers waiting for it."""
 
     client: str | None
+    preferred: bool
     waiters: list[Deferred[list[str]]] = field(default_factory=list)
-    work: Deferred[list[str]] | None = None
     deadline: IDelayedCall | None = None
+    started: bool = False
 
 
 @implementer(IHostnameResolver)
 class HostLookups:
     """Resolves host names on worker threads: coalesced, cached, and bounded in time and number.
 
-    Also the name resolver of upstream connections, so they share the cache
-    and the limits.
+    Clients take turns for the threads, and one client may use only half of
+    them, so names that hang hold up only the client that sent them.  The
+    ``preferred`` hosts (the configured registries) are looked up before any
+    other and are counted against nobody.  Also the name resolver of upstream
+    connections, so they share the cache and the limits.
     """
 
     def __init__(
@@ -171,6 +179,8 @@ class HostLookups:
         clock: IReactorTime,
         run_in_thread: RunInThread,
         *,
+        threads: int = 8,
+        preferred: Collection[str] = (),
         timeout: float = 10.0,
         max_pending: int = 256,
         max_per_client: int = 32,
@@ -181,6 +191,9 @@ class HostLookups:
     ) -> None:
         self._clock = clock
         self._run = run_in_thread
+        self._threads = threads
+        self._threads_per_client = max(1, threads // 2)
+        self._preferred = {host.lower() for host in preferred}
         self._timeout = timeout
         self._max_pending = max_pending
         self._max_per_client = max_per_client
@@ -188,14 +201,21 @@ class HostLookups:
         self._ttl = ttl
         self._failure_ttl = failure_ttl
         self._lookup = lookup
+        self._closed = False
         self._pending: dict[str, _Lookup] = {}
         self._per_client: collections.Counter[str] = collections.Counter()
+        # Lookups waiting for a thread: the preferred first, then each client's in turn.
+        self._first: collections.deque[str] = collections.deque()
+        self._queued: collections.OrderedDict[str | None, collections.deque[str]] = collections.OrderedDict()
+        # Threads in use, in total and by client, counting lookups nobody waits for any more.
+        self._busy = 0
+        self._busy_for: collections.Counter[str | None] = collections.Counter()
         self._answers: collections.OrderedDict[str, tuple[float, list[str] | BaseException]] = (
             collections.OrderedDict())
 
     @property
     def pending(self) -> int:
-        """How many lookups are under way."""
+        """How many lookups are wanted (queued or running)."""
         return len(self._pending)
 
     def addresses(self, host: str) -> Deferred[list[str]]:
@@ -209,23 +229,89 @@ class HostLookups:
         lookup = self._pending.get(host)
         if lookup is not None:
             return self._wait(host, lookup)
-        client = _client.get()
-        if len(self._pending) >= self._max_pending:
+        if self._closed:
+            return fail(_shutting_down(host))
+        preferred = host in self._preferred
+        client = None if preferred else _client.get()
+        if not preferred and len(self._pending) >= self._max_pending:
             return fail(OCIError(503, "UNAVAILABLE", f"too many name lookups under way; {host} was not looked up",
                                  headers={b"Retry-After": b"1"}))
         if client is not None and self._per_client[client] >= self._max_per_client:
             return fail(OCIError(429, "TOOMANYREQUESTS",
                                  f"too many name lookups under way for {client}; {host} was not looked up",
                                  headers={b"Retry-After": b"1"}))
-        lookup = _Lookup(client)
+        lookup = _Lookup(client, preferred)
         self._pending[host] = lookup
         if client is not None:
             self._per_client[client] += 1
         waiter = self._wait(host, lookup)
         lookup.deadline = self._clock.callLater(self._timeout, self._expired, host, lookup)
-        lookup.work = self._run(self._lookup, host)
-        lookup.work.addCallbacks(self._answered, self._failed, (host, lookup), errbackArgs=(host, lookup))
+        if preferred:
+            self._first.append(host)
+        else:
+            self._queued.setdefault(client, collections.deque()).append(host)
+        self._dispatch()
         return waiter
+
+    def close(self) -> None:
+        """Shutdown: lookups still queued fail at once, and no new ones start."""
+        self._closed = True
+        for host, lookup in list(self._pending.items()):
+            if not lookup.started:
+                self._unqueue(host, lookup)
+                self._fail(host, lookup, _shutting_down(host), remember=False)
+
+    def _dispatch(self) -> None:
+        """Start queued lookups while threads are free: preferred first, then clients in turn."""
+        while self._busy < self._threads:
+            if self._first:
+                host = self._first.popleft()
+            else:
+                ready = [c for c in self._queued if self._busy_for[c] < self._threads_per_client]
+                if not ready:
+                    return
+                hosts = self._queued[ready[0]]
+                host = hosts.popleft()
+                if hosts:
+                    self._queued.move_to_end(ready[0])
+                else:
+                    del self._queued[ready[0]]
+            lookup = self._pending[host]
+            lookup.started = True
+            self._busy += 1
+            if not lookup.preferred:
+                self._busy_for[lookup.client] += 1
+            self._run(self._lookup, host).addBoth(self._returned, host, lookup)
+
+    def _unqueue(self, host: str, lookup: _Lookup) -> None:
+        if lookup.preferred:
+            self._first.remove(host)
+            return
+        hosts = self._queued[lookup.client]
+        hosts.remove(host)
+        if not hosts:
+            del self._queued[lookup.client]
+
+    def _returned(self, outcome: list[str] | Failure, host: str, lookup: _Lookup) -> None:
+        self._busy -= 1
+        if not lookup.preferred:
+            self._busy_for[lookup.client] -= 1
+            if not self._busy_for[lookup.client]:
+                del self._busy_for[lookup.client]
+        current = self._pending.get(host) is lookup
+        if not isinstance(outcome, Failure):
+            # Even an answer that came too late serves the next caller.
+            self._remember(host, outcome)
+            if current:
+                for waiter in self._end(host, lookup):
+                    waiter.callback(list(outcome))
+        elif current:
+            error = outcome.value
+            if not isinstance(error, OSError):
+                log.failure("Looking up {host} failed", outcome, host=host)
+                error = OSError(f"looking up {host} failed")
+            self._fail(host, lookup, error, remember=True)
+        self._dispatch()
 
     def _cached(self, host: str) -> list[str] | BaseException | None:
         entry = self._answers.get(host)
@@ -254,13 +340,13 @@ class HostLookups:
     def _leave(self, host: str, lookup: _Lookup, waiter: Deferred[list[str]]) -> None:
         lookup.waiters.remove(waiter)
         if not lookup.waiters and self._pending.get(host) is lookup:
-            # Nobody waits any more: take the lookup back if it has not started.
+            # Nobody waits any more: a queued lookup is dropped; a running one runs on.
+            if not lookup.started:
+                self._unqueue(host, lookup)
             self._end(host, lookup)
-            assert lookup.work is not None
-            lookup.work.cancel()
 
     def _end(self, host: str, lookup: _Lookup) -> list[Deferred[list[str]]]:
-        """Forget a lookup under way; returns its waiters."""
+        """Forget a wanted lookup; returns its waiters."""
         del self._pending[host]
         if lookup.client is not None:
             self._per_client[lookup.client] -= 1
@@ -271,34 +357,12 @@ class HostLookups:
         waiters, lookup.waiters = lookup.waiters, []
         return waiters
 
-    def _answered(self, addresses: list[str], host: str, lookup: _Lookup) -> None:
-        if self._pending.get(host) is not lookup:
-            return
-        self._remember(host, addresses)
-        for waiter in self._end(host, lookup):
-            waiter.callback(list(addresses))
-
-    def _failed(self, failure: Failure, host: str, lookup: _Lookup) -> None:
-        if self._pending.get(host) is not lookup:
-            # Timed out or abandoned: the lookup's own cancellation ends here.
-            return
-        if failure.check(Closed):
-            self._fail(host, lookup, OCIError(503, "UNAVAILABLE",
-                                              f"the server is shutting down; {host} was not looked up"), False)
-        elif isinstance(failure.value, OSError):
-            self._fail(host, lookup, failure.value, True)
-        else:
-            log.failure("Looking up {host} failed", failure, host=host)
-            self._fail(host, lookup, OSError(f"looking up {host} failed"), True)
-
     def _expired(self, host: str, lookup: _Lookup) -> None:
         log.warn("Looking up {host} took longer than {timeout} s", host=host, timeout=self._timeout)
-        error = OCIError(504, "UNAVAILABLE", f"the name lookup of {host} took longer than {self._timeout:g} s")
-        work = lookup.work
-        self._fail(host, lookup, error, True)
-        if work is not None:
-            # Still queued: dropped. Already in getaddrinfo: it runs on, and its answer is ignored.
-            work.cancel()
+        if not lookup.started:
+            self._unqueue(host, lookup)
+        self._fail(host, lookup, OCIError(
+            504, "UNAVAILABLE", f"the name lookup of {host} took longer than {self._timeout:g} s"), remember=True)
 
     def _fail(self, host: str, lookup: _Lookup, error: BaseException, remember: bool) -> None:
         if remember:

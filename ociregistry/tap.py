@@ -27,7 +27,7 @@ from twisted.web.server import Site
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
-from ociregistry.allowlist import Allowlist, HostLookups
+from ociregistry.allowlist import Allowlist, HostLookups, host_of
 from ociregistry.cache import Cache, Freshness
 from ociregistry.config import (
     ConfigError,
@@ -48,7 +48,7 @@ from ociregistry.load import host_platform, make_preload_service
 from ociregistry.prune import make_prune_service
 from ociregistry.store import BlobStore
 from ociregistry.threads import WorkerThreads
-from ociregistry.upstream import Upstream
+from ociregistry.upstream import Upstream, api_host
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.tls import ServerTLS
@@ -421,13 +421,14 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     # name lookups chosen by clients must never delay a commit's fsync, nor the reverse.
     disk = WorkerThreads(reactor, "disk", _DISK_THREADS)
     names = WorkerThreads(reactor, "dns", config.dns_threads)
-    # Lookups still queued are dropped as shutdown begins; disk work once responses had their grace.
-    reactor.addSystemEventTrigger("before", "shutdown", names.close)
-    reactor.addSystemEventTrigger("during", "shutdown", disk.close)
     store = BlobStore(config.image_path, disk.run)
     swept = store.prepare()
     index = Index(os.path.join(config.image_path, "index.db"), reactor)
-    lookups = HostLookups(reactor, names.run, timeout=config.dns_timeout)
+    registries = [host_of(api_host(name)) for name in [config.default_ns, *(r.name for r in config.registries)]]
+    lookups = HostLookups(reactor, names.run, threads=names.size, preferred=registries,
+                          timeout=config.dns_timeout)
+    # Lookups still queued fail as shutdown begins, so their responses need not use up the grace.
+    reactor.addSystemEventTrigger("before", "shutdown", lookups.close)
     allowlist = Allowlist(
         reactor, lookups.addresses, [r.name for r in config.registries],
         config.allow_upstreams, config.allow_any_upstream,

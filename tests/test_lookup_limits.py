@@ -19,18 +19,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from ociregistry.allowlist import Allowlist, HostLookups, lookups_on_behalf_of
 from ociregistry.errors import OCIError
 from ociregistry.tap import Options
-from ociregistry.threads import Closed, WorkerThreads
+from ociregistry.threads import WorkerThreads
 
 
 class _FakeThreads:
-    """Stands in for WorkerThreads: records each call; the test answers it."""
+    """Stands in for WorkerThreads: records each call started; the test answers it."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Deferred[Any]]] = []
-        self.taken_back: list[str] = []
 
     def run(self, function: Callable[..., Any], host: str) -> Deferred[Any]:
-        result: Deferred[Any] = Deferred(lambda _: self.taken_back.append(host))
+        result: Deferred[Any] = Deferred()
         self.calls.append((host, result))
         return result
 
@@ -73,16 +72,18 @@ class HostLookupsTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second), ["93.184.216.34"])
 
     def test_one_caller_leaving_does_not_cancel_the_others(self) -> None:
-        """A caller that gives up only stops its own wait; when all have gone the lookup is taken back."""
-        lookups = self.lookups()
+        """A caller that gives up only stops its own wait; a queued lookup nobody waits for never runs."""
+        lookups = self.lookups(threads=1)
+        lookups.addresses("busy.example")
         first, second = lookups.addresses("a.example"), lookups.addresses("a.example")
         first.cancel()
         self.failureResultOf(first, CancelledError)
-        self.assertEqual(self.threads.taken_back, [])
+        self.assertEqual(lookups.pending, 2)
         second.cancel()
         self.failureResultOf(second, CancelledError)
-        self.assertEqual(self.threads.taken_back, ["a.example"])
-        self.assertEqual(lookups.pending, 0)
+        self.assertEqual(lookups.pending, 1)
+        self.threads.answer("busy.example", ["93.184.216.34"])
+        self.assertEqual(self.threads.hosts(), ["busy.example"])
 
     def test_answers_cached_for_a_while(self) -> None:
         """An answer is reused until its TTL ends; a name-not-known failure for a shorter time."""
@@ -117,17 +118,27 @@ class HostLookupsTests(SynchronousTestCase):
         self.assertLessEqual(len(lookups._answers), 3)
 
     def test_timeout(self) -> None:
-        """A lookup that takes too long is a 504 naming the host, and is taken back."""
-        lookups = self.lookups(timeout=3)
+        """A lookup that takes too long is a 504 naming the host; queued ones never run; late answers are kept."""
+        lookups = self.lookups(timeout=3, threads=1)
         result = lookups.addresses("slow.example")
+        queued = lookups.addresses("queued.example")
         self.clock.advance(2.9)
         self.assertNoResult(result)
         self.clock.advance(0.1)
         error = self.failureResultOf(result, OCIError).value
         self.assertEqual((error.status, error.code), (504, "UNAVAILABLE"))
         self.assertIn("slow.example", error.message)
-        self.assertEqual(self.threads.taken_back, ["slow.example"])
+        self.assertIn("queued.example", self.failureResultOf(queued, OCIError).value.message)
         self.assertEqual(lookups.pending, 0)
+        self.failureResultOf(lookups.addresses("slow.example"), OCIError)
+        # The thread stuck in the lookup is still taken until it returns; then its answer serves.
+        again = lookups.addresses("other.example")
+        self.assertEqual(self.threads.hosts(), ["slow.example"])
+        self.threads.answer("slow.example", ["93.184.216.34"])
+        self.assertEqual(self.threads.hosts(), ["slow.example", "other.example"])
+        self.assertEqual(self.successResultOf(lookups.addresses("slow.example")), ["93.184.216.34"])
+        self.assertNoResult(again)
+        self.threads.answer("other.example", ["93.184.216.34"])
 
     def test_overall_cap(self) -> None:
         """Past max_pending lookups under way, a new one is refused at once with a 503."""
@@ -141,6 +152,34 @@ class HostLookupsTests(SynchronousTestCase):
         self.threads.answer("a.example", ["93.184.216.34"])
         lookups.addresses("c.example")
         self.assertEqual(self.threads.hosts(), ["a.example", "b.example", "c.example"])
+
+    def test_clients_take_turns(self) -> None:
+        """One client's lookups that hang take at most half the threads; another client's run at once."""
+        lookups = self.lookups(threads=4)
+        for number in range(6):
+            _as_client("192.0.2.1", partial(lookups.addresses, f"hang{number}.example"))
+        self.assertEqual(self.threads.hosts(), ["hang0.example", "hang1.example"])
+        other = _as_client("192.0.2.9", partial(lookups.addresses, "b.example"))
+        self.assertEqual(self.threads.hosts()[-1], "b.example")
+        self.threads.answer("b.example", ["93.184.216.34"])
+        self.successResultOf(other)
+        self.threads.answer("hang0.example", ["93.184.216.34"])
+        self.assertEqual(self.threads.hosts()[-1], "hang2.example")
+        self.assertEqual(len(self.threads.calls), 4)
+
+    def test_configured_registries_first(self) -> None:
+        """The configured registries' lookups go before queued ones and count against no client."""
+        lookups = self.lookups(threads=2, max_per_client=2, preferred=["registry.example"])
+        for host in ["h0.example", "h1.example"]:
+            _as_client("192.0.2.1", partial(lookups.addresses, host))
+        _as_client("192.0.2.9", partial(lookups.addresses, "x0.example"))
+        _as_client("192.0.2.9", partial(lookups.addresses, "x1.example"))
+        self.assertEqual(self.threads.hosts(), ["h0.example", "x0.example"])
+        mine = _as_client("192.0.2.1", partial(lookups.addresses, "registry.example"))
+        self.threads.answer("h0.example", ["93.184.216.34"])
+        self.assertEqual(self.threads.hosts()[-1], "registry.example")
+        self.threads.answer("registry.example", ["93.184.216.34"])
+        self.successResultOf(mine)
 
     def test_per_client_cap(self) -> None:
         """One client may have max_per_client lookups under way; the excess is a 429; others still get theirs."""
@@ -163,13 +202,17 @@ class HostLookupsTests(SynchronousTestCase):
         self.assertEqual(self.threads.calls, [])
 
     def test_closed(self) -> None:
-        """Lookups dropped at shutdown are a 503 saying so."""
-        lookups = self.lookups()
-        result = lookups.addresses("a.example")
-        self.threads.calls[0][1].errback(Closed("the dns threads are closed"))
-        error = self.failureResultOf(result, OCIError).value
+        """At shutdown queued lookups are a 503 saying so, at once; running ones still get their answer."""
+        lookups = self.lookups(threads=1)
+        running, queued = lookups.addresses("a.example"), lookups.addresses("b.example")
+        lookups.close()
+        error = self.failureResultOf(queued, OCIError).value
         self.assertEqual(error.status, 503)
         self.assertIn("shutting down", error.message)
+        self.assertIn("shutting down", self.failureResultOf(lookups.addresses("c.example"), OCIError).value.message)
+        self.threads.answer("a.example", ["93.184.216.34"])
+        self.successResultOf(running)
+        self.assertEqual(self.threads.hosts(), ["a.example"])
 
     def test_connection_resolution(self) -> None:
         """As a name resolver, it hands out addresses of the asked types with the port; a failure gives none."""
@@ -254,34 +297,11 @@ class WorkerThreadsTests(SynchronousTestCase):
             self.reactor.run_one()
         self.assertEqual([self.successResultOf(r) for r in results], [[f"h{n}"] for n in range(5)])
 
-    def test_cancelled_while_queued(self) -> None:
-        """A call taken back before it started never runs."""
-        running = [self.threads.run(self.blocking, "h0"), self.threads.run(self.blocking, "h1")]
-        self.started.get(timeout=5)
-        self.started.get(timeout=5)
-        queued = self.threads.run(self.blocking, "h2")
-        queued.cancel()
-        self.failureResultOf(queued, CancelledError)
-        self.assertEqual(self.threads.queued, 0)
-        self.release.set()
+    def test_daemon_threads(self) -> None:
+        """The threads are daemon threads: a call that never returns cannot hold up the process's exit."""
+        self.threads.run(lambda: self.started.put(str(threading.current_thread().daemon)))
+        self.assertEqual(self.started.get(timeout=5), "True")
         self.reactor.run_one()
-        self.reactor.run_one()
-        self.assertEqual(sorted(self.successResultOf(r)[0] for r in running), ["h0", "h1"])
-
-    def test_close_does_not_wait(self) -> None:
-        """Closing drops queued calls and returns while a thread is still blocked; new calls fail."""
-        stuck = [self.threads.run(self.blocking, "h0"), self.threads.run(self.blocking, "h1")]
-        queued = self.threads.run(self.blocking, "h2")
-        self.started.get(timeout=5)
-        self.started.get(timeout=5)
-        self.threads.close()
-        self.failureResultOf(queued, Closed)
-        self.failureResultOf(self.threads.run(self.blocking, "h3"), Closed)
-        for result in stuck:
-            self.assertNoResult(result)
-            result.cancel()
-        self.release.set()
-        self.assertTrue(self.started.empty())
 
 
 class LookupOptionsTests(SynchronousTestCase):

@@ -20,6 +20,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SkipTest
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 
 from tests.realparts import (
     OCI_CONFIG,
@@ -37,6 +39,7 @@ from tests.realparts import (
 )
 
 NAME_SERVER = "127.0.12.1"
+OTHER_CLIENT = "127.0.12.2"
 # glibc waits this long for the silent name server: longer than any timeout the server is given.
 STUCK_SECONDS = 30
 BAD_REQUESTS = 300
@@ -106,7 +109,9 @@ class SilentDNSTests(WorkspaceTestCase):
             manifests.append(await upload_manifest(registry, "app", digest_of(manifest.encode()),
                                                    OCI_MANIFEST, manifest.encode()))
             blobs.append(layer)
-        config_file = self.config([{"name": registry.host, "scheme": "http"}])
+        # Named as localhost: connections to it need a lookup too (answered from /etc/hosts).
+        self.upstream = f"localhost:{registry.port}"
+        config_file = self.config([{"name": self.upstream, "scheme": "http"}])
         run_dir = os.path.abspath(self.mktemp())
         os.makedirs(run_dir)
         server = _ServerWithSilentDNS(resolv_conf, self.path("cache"), ["--config-file", config_file, *args],
@@ -114,13 +119,13 @@ class SilentDNSTests(WorkspaceTestCase):
         self.addCleanup(server.stop)
         await server.start()
         self.web = web
-        self.registry = registry
         return server, manifests, blobs
 
-    async def timed(self, url: str, headers: dict[str, str] | None = None) -> tuple[float, int, bytes]:
+    async def timed(self, url: str, headers: dict[str, str] | None = None,
+                    client: HTTPClient | None = None) -> tuple[float, int, bytes]:
         """Seconds to a whole answer, its status and body."""
         started = time.monotonic()
-        response = await self.web.client.get(url, headers=headers)
+        response = await (client or self.web.client).get(url, headers=headers)
         body = await response.content()
         return time.monotonic() - started, response.code, body
 
@@ -133,18 +138,24 @@ class SilentDNSTests(WorkspaceTestCase):
         return requests
 
     async def test_everything_else_stays_responsive(self) -> None:
-        """With 300 requests naming hosts whose lookups hang, /v2/, /metrics, cold manifests and blobs answer at once."""
+        """With 300 requests naming hosts whose lookups hang, /v2/, /metrics, cold pulls and other clients answer."""
         server, manifests, blobs = await self.start("--dns-timeout", "3")
         flood = self.flood(server)
         await sleep(0.5)
-        ns = f"?ns={self.registry.host}"
+        ns = f"?ns={self.upstream}"
         for url in [server.url + "/v2/", server.url + "/metrics",
                     f"{server.url}/v2/app/manifests/{manifests[0]}{ns}",
                     f"{server.url}/v2/app/blobs/{blobs[1]}{ns}",
-                    f"{server.url}/v2/{self.registry.host}/app/manifests/{manifests[2]}"]:
+                    f"{server.url}/v2/{self.upstream}/app/manifests/{manifests[2]}"]:
             seconds, code, _ = await self.timed(url)
             self.assertEqual(code, 200, url)
             self.assertLess(seconds, 1.0, url)
+        # Another client's lookup gets a thread at once ("vm" is in /etc/hosts, a loopback name: denied).
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        other = HTTPClient(Agent(reactor, bindAddress=(OTHER_CLIENT, 0), pool=pool))
+        seconds, code, body = await self.timed(f"{server.url}/v2/app/manifests/v1?ns=vm:5000", client=other)
+        self.assertEqual(code, 403, body)
+        self.assertLess(seconds, 1.0)
         answers = [result for _, result in await DeferredList(flood, fireOnOneErrback=True)]
         statuses = sorted({code for _, code, _ in answers})
         self.assertEqual(set(statuses) - {429, 503, 504}, set(), statuses)
@@ -153,7 +164,7 @@ class SilentDNSTests(WorkspaceTestCase):
         self.assertGreater(len(refused), BAD_REQUESTS // 2)
         self.assertLess(max(refused), 2.0)
         self.assertLess(max(seconds for seconds, _, _ in answers), 3 + 2.0)
-        for (_, code, body), number in zip(answers, range(BAD_REQUESTS)):
+        for number, (_, code, body) in enumerate(answers):
             error = json.loads(body)["errors"][0]
             if code == 504:
                 self.assertIn(f"nx-{number}.invalid", error["message"])
