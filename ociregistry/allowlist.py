@@ -225,7 +225,10 @@ class HostLookups:
             return succeed([host])
         answer = self._cached(host)
         if answer is not None:
-            return fail(answer) if isinstance(answer, BaseException) else succeed(list(answer))
+            if isinstance(answer, BaseException):
+                # The same error is raised again and again: drop the traceback it gathered last time.
+                return fail(answer.with_traceback(None))
+            return succeed(list(answer))
         lookup = self._pending.get(host)
         if lookup is not None:
             return self._wait(host, lookup)
