@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from typing import Any, cast
 
 import yaml
@@ -23,14 +22,13 @@ from twisted.web.resource import Resource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
-from ociregistry.allowlist import Allowlist, resolver
+from ociregistry.allowlist import Allowlist, HostLookups, host_of
 from ociregistry.cache import Cache, Freshness
 from ociregistry.config import (
     ConfigError,
@@ -50,7 +48,8 @@ from ociregistry.index import Index
 from ociregistry.load import host_platform, make_preload_service
 from ociregistry.prune import make_prune_service
 from ociregistry.store import BlobStore
-from ociregistry.upstream import Upstream
+from ociregistry.threads import WorkerThreads
+from ociregistry.upstream import Upstream, api_host
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.tls import ServerTLS
@@ -60,6 +59,7 @@ log = Logger()
 
 _PULL_FLUSH_SECONDS = 10.0
 _METRICS_REFRESH_SECONDS = 15.0
+_DISK_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class ServerConfig:
     os: str | None = None
     arch: str | None = None
     prune: PruneSettings | None = None
+    dns_threads: int = 8
+    dns_timeout: float = 10.0
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data, secrets masked, for --print-config."""
@@ -149,6 +151,8 @@ class Options(usage.Options):
         ["log-file", None, None, "Write the log here instead of standard output."],
         ["log-format", None, "text", "text, or json for log shippers."],
         ["shutdown-grace", None, "10", "Seconds to let responses and downloads finish at shutdown."],
+        ["dns-threads", None, "8", "Threads looking up upstream host names (getaddrinfo)."],
+        ["dns-timeout", None, "10s", "How long a lookup of an upstream host name may take before it is a 504."],
     ]
     optFlags: list[list[Any]] = [
         ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
@@ -205,6 +209,17 @@ def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not allow_never):
         raise usage.UsageError(f"--{option}: must be a positive duration: {value!r}")
     return seconds
+
+
+def _count(option: str, value: Any) -> int:
+    """A positive whole number from an option."""
+    try:
+        number = int(value)
+        if number < 1:
+            raise ValueError
+    except ValueError:
+        raise usage.UsageError(f"--{option}: must be a positive whole number: {value!r}")
+    return number
 
 
 def _tcp(option: str, port: Any, host: str) -> str:
@@ -312,6 +327,8 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         log_file=_choose(options["log-file"], settings.log_file, None),
         log_json=options["log-format"] == "json",
         shutdown_grace=_seconds("shutdown-grace", options["shutdown-grace"]),
+        dns_threads=_count("dns-threads", options["dns-threads"]),
+        dns_timeout=_seconds("dns-timeout", options["dns-timeout"]),
         listen=listen,
         default_ns=default_ns,
         registries=tuple(settings.registries),
@@ -433,12 +450,20 @@ def log_banner(config: ServerConfig, cache: Cache) -> None:
 def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Cache, Index, int]:
     """Open (or create) the cache under the image path: (cache, index, swept temporaries)."""
     os.makedirs(config.image_path, exist_ok=True)
-    to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
-    store = BlobStore(config.image_path, to_thread)
+    # Blocking work gets threads of its own, not the reactor's (/metrics renders there):
+    # name lookups chosen by clients must never delay a commit's fsync, nor the reverse.
+    disk = WorkerThreads(reactor, "disk", _DISK_THREADS)
+    names = WorkerThreads(reactor, "dns", config.dns_threads)
+    store = BlobStore(config.image_path, disk.run)
     swept = store.prepare()
     index = Index(os.path.join(config.image_path, "index.db"), reactor)
+    registries = [host_of(api_host(name)) for name in [config.default_ns, *(r.name for r in config.registries)]]
+    lookups = HostLookups(reactor, names.run, threads=names.size, preferred=registries,
+                          timeout=config.dns_timeout)
+    # Lookups still queued fail as shutdown begins, so their responses need not use up the grace.
+    reactor.addSystemEventTrigger("before", "shutdown", lookups.close)
     allowlist = Allowlist(
-        reactor, resolver(to_thread), [r.name for r in config.registries],
+        reactor, lookups.addresses, [r.name for r in config.registries],
         config.allow_upstreams, config.allow_any_upstream,
     )
     upstream = Upstream(
@@ -450,6 +475,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
         idle_timeout=config.idle_timeout,
         max_manifest_size=config.max_manifest_size,
         metrics=metrics,
+        name_resolver=lookups,
     )
     freshness = Freshness(config.tag_ttl, config.always_pull_latest, config.air_gapped)
     downloads = Downloads(store, index, upstream, metrics)

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 
+from ociregistry.allowlist import lookups_on_behalf_of
 from ociregistry.cache import Cache
 from ociregistry.downloads import BlobSource, StoredBlob
 from ociregistry.errors import OCIError, unsupported
@@ -261,6 +262,7 @@ class RegistryAPI(Resource):
             self._metrics.cached_pulls.labels(where.registry).inc()
 
     async def _respond(self, request: Any) -> None:
+        lookups_on_behalf_of(request.getClientAddress())
         request.setHeader(*_API_VERSION)
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
         try:
