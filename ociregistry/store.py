@@ -65,7 +65,7 @@ class BlobStore:
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._defer_to_thread = defer_to_thread
-        # The free bytes when a write last failed for want of space, until space returns.
+        # The room the last write that found no space had, until there is more than that.
         self._full_at: int | None = None
 
     def prepare(self) -> int:
@@ -112,13 +112,18 @@ class BlobStore:
             self._full_at = None
         return None
 
-    def failed(self, error: OSError) -> OCIError | OSError:
-        """What a failed write means for clients: StorageFull when the disk is full (noted for /health)."""
+    def failed(self, error: OSError, written: int = 0) -> OCIError | OSError:
+        """What a failed write means for clients: StorageFull when the disk is full.
+
+        The disk counts as full (for /health and new writes) until it has
+        more room than this write had: what is free now and the ``written``
+        bytes of its file, which go with it.
+        """
         if error.errno not in _FULL:
             return error
         if self._full_at is None:
             log.warn("The image path is full: {why}", why=error.strerror)
-        self._full_at = self.free()
+        self._full_at = self.free() + written
         return StorageFull(error.strerror or "no space left on device")
 
     def path_for(self, digest: str) -> str:
@@ -198,8 +203,9 @@ class Writer:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as e:
+            error = self._store.failed(e, self.size)
             self.abort()
-            raise self._store.failed(e) from None
+            raise error from None
         self._hash.update(data)
         self.size += len(data)
 
@@ -228,8 +234,9 @@ class Writer:
             os.makedirs(directory, exist_ok=True)
             os.replace(self.path, final)
         except OSError as e:
+            error = self._store.failed(e, self.size)
             self.abort()
-            raise self._store.failed(e) from None
+            raise error from None
         except BaseException:
             self.abort()
             raise
