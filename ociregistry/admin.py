@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ociregistry.config import PruneSettings, parse_duration, parse_size
-from ociregistry.index import CachedImage, Index
+from ociregistry.index import CachedImage, Index, Removal
 from ociregistry.manifests import IMAGE_TYPES
 from ociregistry.prune import (
     ToThread,
@@ -196,8 +196,7 @@ class AdminAPI(Resource):
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
-        def pruning(index: Index) -> tuple[str, Any]:
-            removal = prune(index, self._store, criteria, dry_run)
+        def pruned(removal: Removal) -> tuple[str, Any]:
             lines = describe_removal(removal, dry_run)
             for line in lines:
                 log.info("Admin prune ({type}): {line}", type=kind, line=line)
@@ -209,7 +208,9 @@ class AdminAPI(Resource):
                 "bytes": removal.size,
             }
 
-        return self._on_thread(pruning)
+        working = on_own_connection(self._index, self._to_thread,
+                                    lambda index: prune(index, self._store, criteria, dry_run))
+        return working.addCallback(pruned)
 
     def _stop_server(self, query: dict[str, str]) -> Answer:
         log.info("Stopping, as the admin API was asked to")
