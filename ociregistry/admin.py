@@ -84,7 +84,7 @@ class AdminAPI(Resource):
             ("stop", b"GET"): self._stop_server,
         }
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         """Check the token, route, and answer in text or JSON."""
         if not self._authorized(request):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="ociregistry-admin"')

@@ -76,7 +76,7 @@ class DiskFullTests(WorkspaceTestCase):
             await sleep(0.1)
 
     async def test_full_disk(self) -> None:
-        """New content is a JSON 507, cached images are served, /health says why, nothing leaks, and space returning is enough."""
+        """New content is a JSON 507, cached images are served, /health says why, nothing leaks, room heals it."""
         cached = build_oci_index(self.path("cached"), ONE_PLATFORM, layer_sizes=(64 * 1024, 1024))
         big = build_oci_index(self.path("big"), ONE_PLATFORM, layer_sizes=(3 * MIB, 1024))
         small = build_oci_index(self.path("small"), ONE_PLATFORM, layer_sizes=(2048,))

@@ -61,7 +61,7 @@ class StartupTests(WorkspaceTestCase):
         self.assertIn("move it aside", output)
 
     async def test_deleted_index_with_files_left(self) -> None:
-        """Files under blobs/ that a new index does not name: a warning with their count, and check --repair removes them."""
+        """Files a new index does not name: a warning with their count; check --repair removes them."""
         path = self.path("cache")
         contents = [b"left over %d" % number for number in range(3)]
         for content in contents:
