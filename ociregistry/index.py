@@ -88,7 +88,6 @@ class Index:
     def __init__(self, path: str, clock: IReactorTime, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._clock = clock
-        self._busy_timeout = busy_timeout
         self._pulls: dict[str, float] = {}
         self._pulls_failing = False
         try:
@@ -304,7 +303,6 @@ class Index:
         index = cls.__new__(cls)
         index.path = ""
         index._clock = clock
-        index._busy_timeout = 0.0
         index._pulls = {}
         index._pulls_failing = False
         index._db = db
@@ -409,12 +407,11 @@ class Index:
         size = self.cache_size() if fit is not None else 0
         while True:
             doomed: set[str] = set()
-            began = time.monotonic()
             with self._transaction():
+                began = time.monotonic()
                 taken = 0
-                while pending and taken < batch and time.monotonic() - began < BATCH_SECONDS:
-                    if fit is not None and size <= fit:
-                        break
+                while pending and (fit is None or size > fit) and (
+                        taken == 0 or (taken < batch and time.monotonic() - began < BATCH_SECONDS)):
                     image = pending.pop()
                     size -= self._remove_image(image, manifests, blobs, doomed)
                     removed.append(image)
@@ -424,10 +421,10 @@ class Index:
                     orphans = dict(self._db.execute("SELECT digest, size FROM blobs_unreferenced"))
                     self._drop_blobs(orphans, blobs, doomed)
                 # Which files the rows named, while no one can record those digests again.
-                files = {digest: store.identity(digest) for digest in doomed} if store else {}
+                files = {digest: store.identity(digest) for digest in doomed} if store is not None else {}
             for digest, identity in sorted(files.items()):
-                if identity is not None and not self.names(digest):
-                    store.remove(digest, identity)  # type: ignore[union-attr]
+                if store is not None and identity is not None and not self.names(digest):
+                    store.remove(digest, identity)
             if finished:
                 return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
 
