@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ociregistry.config import PruneSettings, parse_duration, parse_size
-from ociregistry.index import CachedImage, Index, Removal
+from ociregistry.index import CachedImage, Index
 from ociregistry.manifests import IMAGE_TYPES
 from ociregistry.prune import (
     ToThread,
@@ -34,6 +34,7 @@ from ociregistry.prune import (
     describe_removal,
     inline,
     local_time,
+    log_removal,
     on_own_connection,
     parse_patterns,
     prune,
@@ -196,11 +197,9 @@ class AdminAPI(Resource):
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
-        def pruned(removal: Removal) -> tuple[str, Any]:
-            lines = describe_removal(removal, dry_run)
-            for line in lines:
-                log.info("Admin prune ({type}): {line}", type=kind, line=line)
-            return "\n".join(lines) + "\n", {
+        def pruning(index: Index) -> tuple[list[str], Any]:
+            removal = prune(index, self._store, criteria, dry_run)
+            return describe_removal(removal, dry_run), {
                 "dryRun": dry_run,
                 "images": [i.reference for i in removal.images],
                 "manifests": [{"digest": d, "size": s} for d, s in removal.manifests],
@@ -208,9 +207,12 @@ class AdminAPI(Resource):
                 "bytes": removal.size,
             }
 
-        working = on_own_connection(self._index, self._to_thread,
-                                    lambda index: prune(index, self._store, criteria, dry_run))
-        return working.addCallback(pruned)
+        def pruned(result: tuple[list[str], Any]) -> tuple[str, Any]:
+            lines, document = result
+            log_removal(lines, f"Admin prune ({kind})")
+            return "\n".join(lines) + "\n", document
+
+        return on_own_connection(self._index, self._to_thread, pruning).addCallback(pruned)
 
     def _stop_server(self, query: dict[str, str]) -> Answer:
         log.info("Stopping, as the admin API was asked to")

@@ -30,6 +30,10 @@ log = Logger()
 
 # A prune's write transaction ends after this long, so that others wait at most that for the lock.
 BATCH_SECONDS = 0.02
+# How often a write waiting for another connection's lock tries again.  sqlite's
+# own busy handler backs off to 100 ms, so a waiter would miss the short gaps
+# between a prune's transactions and wait for the whole prune.
+_LOCK_POLL_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class Index:
     def __init__(self, path: str, clock: IReactorTime, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._clock = clock
+        self._busy_timeout = busy_timeout
         self._pulls: dict[str, float] = {}
         self._pulls_failing = False
         try:
@@ -97,7 +102,8 @@ class Index:
             # and content files are synced before any row names them.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            # Writes wait in _Transaction; this only covers reads in sqlite's rare busy moments.
+            self._db.execute("PRAGMA busy_timeout=1")
             self.migrate()
         except sqlite3.DatabaseError as e:
             raise _unusable(path, e) from None
@@ -149,7 +155,7 @@ class Index:
 
     def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
         """Point a tag at a cached manifest, confirmed now."""
-        with self._writing():
+        with self._writing(), self._transaction():
             self._db.execute(
                 "INSERT INTO tags (registry, repository, tag, digest, updated) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (registry, repository, tag)"
@@ -223,7 +229,7 @@ class Index:
 
     def record_blob(self, digest: str, size: int) -> None:
         """Add a verified, stored blob."""
-        with self._writing():
+        with self._writing(), self._transaction():
             self._db.execute(
                 "INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
                 (digest, size, self._now()),
@@ -231,12 +237,12 @@ class Index:
 
     def forget_blob(self, digest: str) -> None:
         """Drop a blob row whose file has gone, so that it is fetched again."""
-        with self._writing():
+        with self._writing(), self._transaction():
             self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
 
     def forget_manifest(self, digest: str) -> None:
         """Drop a manifest row (and its tags and references) whose file has gone."""
-        with self._writing():
+        with self._writing(), self._transaction():
             self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
 
     def names(self, digest: str) -> bool:
@@ -283,7 +289,7 @@ class Index:
         return len(pulls)
 
     def _transaction(self) -> "_Transaction":
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._busy_timeout)
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -303,6 +309,7 @@ class Index:
         index = cls.__new__(cls)
         index.path = ""
         index._clock = clock
+        index._busy_timeout = 5.0
         index._pulls = {}
         index._pulls_failing = False
         index._db = db
@@ -427,6 +434,8 @@ class Index:
                     store.remove(digest, identity)
             if finished:
                 return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
+            # A gap between transactions, for a writer that waits for the lock.
+            time.sleep(_LOCK_POLL_SECONDS * 2)
 
     def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
                       doomed: set[str]) -> int:
@@ -491,20 +500,40 @@ class Index:
 
     def set_times(self, digest: str, created: str, pulled: str) -> None:
         """Set when a manifest entered the cache and was last pulled (for imported caches)."""
-        self._db.execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
-                         (created, pulled, digest))
+        with self._transaction():
+            self._db.execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
+                             (created, pulled, digest))
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (a failed COMMIT too)."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (a failed COMMIT too).
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    Waits up to ``wait`` seconds for another connection's write lock, trying
+    every millisecond.  Inside another transaction it is part of that one.
+    """
+
+    def __init__(self, db: sqlite3.Connection, wait: float) -> None:
         self._db = db
+        self._wait = wait
+        self._nested = False
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._nested = self._db.in_transaction
+        if self._nested:
+            return
+        deadline = time.monotonic() + self._wait
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if _primary(e) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(_LOCK_POLL_SECONDS)
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        if self._nested:
+            return
         if kind is None:
             try:
                 self._db.execute("COMMIT")

@@ -170,15 +170,20 @@ def on_own_connection(index: Index, to_thread: ToThread, work: Callable[[Index],
     return to_thread(run)
 
 
+def log_removal(lines: list[str], what: str) -> None:
+    """Log what a prune removed as one event: thousands of events would hold up the reactor."""
+    log.info("{what}: {summary}{details}", what=what, summary=lines[-1],
+             details="".join(f"\n  {line}" for line in lines[:-1]))
+
+
 async def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime,
                      to_thread: ToThread = inline) -> None:
     """One pass of background pruning, logged; its errors are logged and do not stop later passes."""
     try:
         criteria = criteria_for(settings, clock.seconds())
-        removal = await on_own_connection(index, to_thread,
-                                          lambda own: prune(own, store, criteria, settings.dry_run))
-        for line in describe_removal(removal, settings.dry_run):
-            log.info("Pruning ({type}): {line}", type=settings.type, line=line)
+        lines = await on_own_connection(index, to_thread, lambda own: describe_removal(
+            prune(own, store, criteria, settings.dry_run), settings.dry_run))
+        log_removal(lines, f"Pruning ({settings.type})")
     except Exception:
         log.failure("Pruning pass failed")
 
