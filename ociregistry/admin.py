@@ -17,24 +17,42 @@ import hmac
 import ipaddress
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Callable, TypeAlias
+
+from functools import partial
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ociregistry.config import PruneSettings, parse_duration, parse_size
 from ociregistry.index import CachedImage, Index
 from ociregistry.manifests import IMAGE_TYPES
-from ociregistry.prune import criteria_for, describe_removal, local_time, parse_patterns, prune, removal_store
+from ociregistry.prune import (
+    ToThread,
+    criteria_for,
+    describe_removal,
+    inline,
+    local_time,
+    log_removal,
+    on_own_connection,
+    parse_patterns,
+    prune,
+    removal_store,
+)
 from ociregistry.store import BlobStore
 
 log = Logger()
 
 DEFAULT_LISTEN = "tcp:8081:interface=127.0.0.1"
+# What a command answers: text and a JSON document, at once or later.
+Answer: TypeAlias = "tuple[str, Any] | Deferred[tuple[str, Any]]"
 _DEFAULT_COUNT = 50
 
 
@@ -57,7 +75,8 @@ class AdminAPI(Resource):
     isLeaf = True
 
     def __init__(self, index: Index, store: BlobStore, clock: IReactorTime,
-                 stop: Callable[[], None], token: str | None = None, listen_host: str = "") -> None:
+                 stop: Callable[[], None], token: str | None = None, listen_host: str = "",
+                 to_thread: ToThread = inline) -> None:
         super().__init__()
         self._index = index
         self._store = store
@@ -65,7 +84,8 @@ class AdminAPI(Resource):
         self._stop = stop
         self._token = token
         self._listen_host = listen_host
-        self._routes: dict[tuple[str, bytes], Callable[[dict[str, str]], tuple[str, Any]]] = {
+        self._to_thread = to_thread
+        self._routes: dict[tuple[str, bytes], Callable[[dict[str, str]], Answer]] = {
             ("manifest/list", b"GET"): self._manifest_list,
             ("image/list", b"GET"): self._image_list,
             ("blob/list", b"GET"): self._blob_list,
@@ -73,7 +93,7 @@ class AdminAPI(Resource):
             ("stop", b"POST"): self._stop_server,
         }
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         """Refuse other sites, check the token, route, and answer in text or JSON."""
         refusal = self._cross_site(request)
         if refusal is not None:
@@ -98,13 +118,18 @@ class AdminAPI(Resource):
         query = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
                  for k, v in (request.args or {}).items() if v}
         try:
-            text, document = handler(query)
+            answer = handler(query)
         except BadRequest as e:
             return _answer(request, 400, f"{e}\n")
-        if query.get("format") == "json":
-            request.setHeader(b"Content-Type", b"application/json")
-            return json.dumps(document, indent=2).encode("utf-8") + b"\n"
-        return _answer(request, 200, text)
+        if isinstance(answer, Deferred):
+            answer.addCallbacks(lambda result: _finish(request, _body(request, query, result)),
+                                lambda failure: _finish(request, _failed(request, failure)))
+            return NOT_DONE_YET
+        return _body(request, query, answer)
+
+    def _on_thread(self, work: Callable[[Index], tuple[str, Any]]) -> "Deferred[tuple[str, Any]]":
+        """Work that reads or prunes the whole index, on a thread with a connection of its own."""
+        return on_own_connection(self._index, self._to_thread, work)
 
     def _cross_site(self, request: Request) -> str | None:
         """Why a request may come from a web page of another site, or None."""
@@ -139,45 +164,63 @@ class AdminAPI(Resource):
         given = request.getHeader(b"authorization") or b""
         return hmac.compare_digest(given, b"Bearer " + self._token.encode("utf-8"))
 
-    def _images(self, query: dict[str, str], every_manifest: bool) -> list[CachedImage]:
-        images = self._index.cached_images(every_manifest=every_manifest)
+    def _images(self, index: Index, query: dict[str, str]) -> list[CachedImage]:
+        images = index.cached_images(every_manifest=True)
         if "pattern" in query:
             patterns = _parameter(parse_patterns, query["pattern"], "pattern")
             images = [i for i in images if any(p.search(i.reference) for p in patterns)]
         return images
 
-    def _manifest_list(self, query: dict[str, str]) -> tuple[str, Any]:
-        images = self._images(query, every_manifest=True)[:_count(query)]
-        if not images:
-            return "no manifests found\n", []
-        lines = ["URL DIGEST CREATED PULLED"]
-        lines += [f"{i.reference} {i.digest} {local_time(i.created)} {local_time(i.pulled)}" for i in images]
-        return "\n".join(lines) + "\n", [_image_document(i) for i in images]
+    def _manifest_list(self, query: dict[str, str]) -> Answer:
+        count = _count(query)
+        _check_pattern(query)
 
-    def _image_list(self, query: dict[str, str]) -> tuple[str, Any]:
-        images = [i for i in self._images(query, every_manifest=True) if i.media_type in IMAGE_TYPES]
-        with_blobs = [(i, [r.child for r in self._index.references(i.digest) if r.kind != "manifest"])
-                      for i in images]
-        if "digest" in query:
-            with_blobs = [(i, blobs) for i, blobs in with_blobs if any(query["digest"] in b for b in blobs)]
-        with_blobs = with_blobs[:_count(query)]
-        if not with_blobs:
-            return "no manifests found\n", []
-        lines = ["URL DIGEST CREATED PULLED"]
-        for image, blobs in with_blobs:
-            lines.append(f"{image.reference} {image.digest} {local_time(image.created)} {local_time(image.pulled)}")
-            lines += [f"- {blob}" for blob in blobs]
-        return "\n".join(lines) + "\n", [{**_image_document(i), "blobs": b} for i, b in with_blobs]
+        def listing(index: Index) -> tuple[str, Any]:
+            images = self._images(index, query)[:count]
+            if not images:
+                return "no manifests found\n", []
+            lines = ["URL DIGEST CREATED PULLED"]
+            lines += [f"{i.reference} {i.digest} {local_time(i.created)} {local_time(i.pulled)}" for i in images]
+            return "\n".join(lines) + "\n", [_image_document(i) for i in images]
 
-    def _blob_list(self, query: dict[str, str]) -> tuple[str, Any]:
-        blobs = self._index.blob_refcounts(query.get("substr", ""))[:_count(query)]
-        if not blobs:
-            return "no blobs found\n", []
-        lines = ["URL REFCNT"] + [f"{digest} {count}" for digest, _, count in blobs]
-        return "\n".join(lines) + "\n", [
-            {"digest": digest, "size": size, "refcount": count} for digest, size, count in blobs]
+        return self._on_thread(listing)
 
-    def _prune(self, query: dict[str, str]) -> tuple[str, Any]:
+    def _image_list(self, query: dict[str, str]) -> Answer:
+        count = _count(query)
+        _check_pattern(query)
+
+        def listing(index: Index) -> tuple[str, Any]:
+            images = [i for i in self._images(index, query) if i.media_type in IMAGE_TYPES]
+            with_blobs = [(i, [r.child for r in index.references(i.digest) if r.kind != "manifest"])
+                          for i in images]
+            if "digest" in query:
+                with_blobs = [(i, blobs) for i, blobs in with_blobs if any(query["digest"] in b for b in blobs)]
+            with_blobs = with_blobs[:count]
+            if not with_blobs:
+                return "no manifests found\n", []
+            lines = ["URL DIGEST CREATED PULLED"]
+            for image, blobs in with_blobs:
+                lines.append(f"{image.reference} {image.digest} {local_time(image.created)} "
+                             f"{local_time(image.pulled)}")
+                lines += [f"- {blob}" for blob in blobs]
+            return "\n".join(lines) + "\n", [{**_image_document(i), "blobs": b} for i, b in with_blobs]
+
+        return self._on_thread(listing)
+
+    def _blob_list(self, query: dict[str, str]) -> Answer:
+        count = _count(query)
+
+        def listing(index: Index) -> tuple[str, Any]:
+            blobs = index.blob_refcounts(query.get("substr", ""))[:count]
+            if not blobs:
+                return "no blobs found\n", []
+            lines = ["URL REFCNT"] + [f"{digest} {refcount}" for digest, _, refcount in blobs]
+            return "\n".join(lines) + "\n", [
+                {"digest": digest, "size": size, "refcount": refcount} for digest, size, refcount in blobs]
+
+        return self._on_thread(listing)
+
+    def _prune(self, query: dict[str, str]) -> Answer:
         kind = query.get("type", "")
         if kind not in ("accessed", "created", "pattern", "size"):
             raise BadRequest("type must be accessed, created, pattern or size")
@@ -194,23 +237,56 @@ class AdminAPI(Resource):
             criteria = criteria_for(settings, self._clock.seconds())
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        self._index.flush_pulls()
-        removal = prune(self._index, self._store, criteria, dry_run)
-        lines = describe_removal(removal, dry_run)
-        for line in lines:
-            log.info("Admin prune ({type}): {line}", type=kind, line=line)
-        return "\n".join(lines) + "\n", {
-            "dryRun": dry_run,
-            "images": [i.reference for i in removal.images],
-            "manifests": [{"digest": d, "size": s} for d, s in removal.manifests],
-            "blobs": [{"digest": d, "size": s} for d, s in removal.blobs],
-            "bytes": removal.size,
-        }
 
-    def _stop_server(self, query: dict[str, str]) -> tuple[str, Any]:
+        def pruning(index: Index) -> tuple[list[str], Any]:
+            removal = prune(index, self._store, criteria, dry_run)
+            return describe_removal(removal, dry_run), {
+                "dryRun": dry_run,
+                "images": [i.reference for i in removal.images],
+                "manifests": [{"digest": d, "size": s} for d, s in removal.manifests],
+                "blobs": [{"digest": d, "size": s} for d, s in removal.blobs],
+                "bytes": removal.size,
+            }
+
+        def pruned(result: tuple[list[str], Any]) -> tuple[str, Any]:
+            lines, document = result
+            log_removal(lines, f"Admin prune ({kind})")
+            return "\n".join(lines) + "\n", document
+
+        return on_own_connection(self._index, self._to_thread, pruning).addCallback(pruned)
+
+    def _stop_server(self, query: dict[str, str]) -> Answer:
         log.info("Stopping, as the admin API was asked to")
         self._clock.callLater(0, self._stop)
         return "stopping\n", {"stopping": True}
+
+
+def _check_pattern(query: dict[str, str]) -> None:
+    """Refuse a bad pattern before any work starts."""
+    if "pattern" in query:
+        _parameter(parse_patterns, query["pattern"], "pattern")
+
+
+def _body(request: Request, query: dict[str, str], answer: tuple[str, Any]) -> bytes:
+    """An answer in text, or in JSON when asked for."""
+    text, document = answer
+    if query.get("format") == "json":
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+    return _answer(request, 200, text)
+
+
+def _failed(request: Request, failure: Failure) -> bytes:
+    log.failure("Admin request {uri} failed", failure, uri=request.uri)
+    return _answer(request, 500, f"failed: {failure.getErrorMessage()}\n")
+
+
+def _finish(request: Request, body: bytes) -> None:
+    """Send an answer worked out later, unless the client has gone."""
+    if request.finished or request.channel is None:
+        return
+    request.write(body)
+    request.finish()
 
 
 def _parameter(parse: Callable[[str], Any], value: str, name: str) -> Any:
@@ -251,10 +327,10 @@ def _answer(request: Request, status: int, text: str) -> bytes:
 
 
 def admin_site(index: Index, image_path: str, clock: IReactorTime, stop: Callable[[], None],
-               token: str | None = None, listen_host: str = "") -> Site:
+               token: str | None = None, listen_host: str = "", to_thread: ToThread = inline) -> Site:
     """The admin web site: /cmd/..., answering requests for a loopback name or ``listen_host``."""
     root = Resource()
-    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token, listen_host))
+    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token, listen_host, to_thread))
     site = Site(root)
     site.displayTracebacks = False
     return site
@@ -272,7 +348,9 @@ def _interface(listen: str) -> str:
 def make_admin_service(index: Index, image_path: str, listen: str, reactor: Any,
                        stop: Callable[[], None], token: str | None = None) -> StreamServerEndpointService:
     """The admin API listening where ``listen`` (a Twisted endpoint string) says."""
+    to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
     service = StreamServerEndpointService(
-        serverFromString(reactor, listen), admin_site(index, image_path, reactor, stop, token, _interface(listen)))
+        serverFromString(reactor, listen),
+        admin_site(index, image_path, reactor, stop, token, _interface(listen), to_thread))
     service.setName("admin")
     return service

@@ -32,6 +32,7 @@ from ociregistry.prune import (
     prune,
     removal_store,
 )
+from ociregistry.store import CacheUnusable
 from ociregistry.tap import Options, build_config, open_cache
 
 DEFAULT_IMAGE_PATH = "/var/lib/ociregistry"
@@ -74,6 +75,8 @@ def _index(args: argparse.Namespace, writable: bool) -> Index:
         raise CommandError(f"no cache at {os.path.dirname(path)} (no index.db); give --image-path")
     try:
         return Index(path, reactor) if writable else Index.read_only(path, reactor)
+    except CacheUnusable as e:
+        raise CommandError(str(e)) from None
     except sqlite3.Error as e:
         raise CommandError(f"cannot open {path}: {e}") from None
 
@@ -154,7 +157,11 @@ def cmd_load(args: argparse.Namespace) -> int:
     platform = None if args.all_platforms else host_platform(args.os, args.arch, args.variant)
 
     async def work(reactor: Any) -> None:
-        cache, index, _ = open_cache(config, reactor, Metrics())
+        try:
+            cache, index, _ = open_cache(config, reactor, Metrics())
+        except CacheUnusable as e:
+            print(f"ociregistry load: {e}", file=sys.stderr)
+            raise SystemExit(1)
         progress = Progress(sys.stdout, reactor, sys.stdout.isatty())
         loader = Loader(cache, index, threaded_store(config.image_path, reactor), platform,
                         config.default_ns, progress.downloading)

@@ -12,11 +12,28 @@ import re
 import sqlite3
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ociregistry.errors import OCIError
+from ociregistry.store import CacheUnusable, StorageFull
+
+if TYPE_CHECKING:
+    from ociregistry.store import BlobStore
+
+log = Logger()
+
+# A prune's write transaction ends after this long, so that others wait at most that for the lock.
+BATCH_SECONDS = 0.02
+# How often a write waiting for another connection's lock tries again.  sqlite's
+# own busy handler backs off to 100 ms, so a waiter would miss the short gaps
+# between a prune's transactions and wait for the whole prune.
+_LOCK_POLL_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -58,20 +75,42 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-class Index:
-    """One sqlite connection, used from the reactor thread with short statements."""
+class IndexBusy(OCIError):
+    """Another process held the index's write lock for longer than this connection waits."""
 
-    def __init__(self, path: str, clock: IReactorTime) -> None:
+    def __init__(self) -> None:
+        super().__init__(503, "UNAVAILABLE", "the cache index is busy (a prune or check is running); retry")
+
+
+class Index:
+    """One sqlite connection, used from one thread at a time with short statements.
+
+    ``busy_timeout`` is how long a write waits for another process's write
+    lock before it fails with IndexBusy (503); the server's reactor keeps it short.
+    """
+
+    def __init__(self, path: str, clock: IReactorTime, busy_timeout: float = 5.0) -> None:
+        self.path = path
         self._clock = clock
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL with NORMAL is crash-safe; only the last commits may be lost on power loss,
-        # and content files are synced before any row names them.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._busy_timeout = busy_timeout
         self._pulls: dict[str, float] = {}
-        self.migrate()
+        self._pulls_failing = False
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL with NORMAL is crash-safe; only the last commits may be lost on power loss,
+            # and content files are synced before any row names them.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            # Writes wait in _Transaction; this only covers reads in sqlite's rare busy moments.
+            self._db.execute("PRAGMA busy_timeout=1")
+            self.migrate()
+        except sqlite3.DatabaseError as e:
+            raise _unusable(path, e) from None
+
+    def reopen(self) -> "Index":
+        """Another connection to the same database, for work on a thread of its own."""
+        return Index(self.path, self._clock)
 
     def migrate(self) -> int:
         """Apply every schema file newer than the database; returns the version."""
@@ -117,13 +156,14 @@ class Index:
     def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> bool:
         """Point a tag at a cached manifest, confirmed now; False if the manifest is not cached (any more)."""
         # One statement, so that a prune in between cannot make it a foreign key failure.
-        cursor = self._db.execute(
-            "INSERT INTO tags (registry, repository, tag, digest, updated)"
-            " SELECT ?, ?, ?, digest, ? FROM manifests WHERE digest = ?"
-            " ON CONFLICT (registry, repository, tag)"
-            " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
-            (registry, repository, tag, self._now(), digest),
-        )
+        with self._writing(), self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO tags (registry, repository, tag, digest, updated)"
+                " SELECT ?, ?, ?, digest, ? FROM manifests WHERE digest = ?"
+                " ON CONFLICT (registry, repository, tag)"
+                " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
+                (registry, repository, tag, self._now(), digest),
+            )
         return cursor.rowcount > 0
 
     def references(self, digest: str) -> list[Reference]:
@@ -146,7 +186,7 @@ class Index:
     ) -> ManifestRecord:
         """Add a verified, stored manifest (and point a tag at it) in one transaction."""
         now = self._now()
-        with self._transaction():
+        with self._writing(), self._transaction():
             self._db.execute(
                 "INSERT INTO manifests (digest, media_type, size, registry, repository, created, pulled)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
@@ -192,43 +232,89 @@ class Index:
 
     def record_blob(self, digest: str, size: int) -> None:
         """Add a verified, stored blob."""
-        self._db.execute(
-            "INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
-            (digest, size, self._now()),
-        )
+        with self._writing(), self._transaction():
+            self._db.execute(
+                "INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+                (digest, size, self._now()),
+            )
 
     def forget_blob(self, digest: str) -> None:
         """Drop a blob row whose file has gone, so that it is fetched again."""
-        self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        with self._writing(), self._transaction():
+            self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
 
     def forget_manifest(self, digest: str) -> None:
         """Drop a manifest row (and its tags and references) whose file has gone."""
-        self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
+        with self._writing(), self._transaction():
+            self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
+
+    def names(self, digest: str) -> bool:
+        """Whether a manifest or blob row names this digest now."""
+        return self._db.execute(
+            "SELECT 1 FROM manifests WHERE digest = ? UNION ALL SELECT 1 FROM blobs WHERE digest = ?",
+            (digest, digest)).fetchone() is not None
+
+    def stored_size(self, digest: str, kind: str) -> int | None:
+        """The size a manifest (kind 'manifest') or blob row records now, or None without a row."""
+        table = "manifests" if kind == "manifest" else "blobs"
+        row = self._db.execute(f"SELECT size FROM {table} WHERE digest = ?", (digest,)).fetchone()
+        return int(row[0]) if row else None
 
     def record_pull(self, digest: str) -> None:
         """Note that a client pulled a manifest; written later in a batch."""
         self._pulls[digest] = self._clock.seconds()
 
     def flush_pulls(self) -> int:
-        """Write the pull times noted since the last flush in one transaction."""
+        """Write the pull times noted since the last flush in one transaction; returns how many.
+
+        When the disk is full or the index busy they are kept for the next
+        flush (and that is logged once): serving never depends on them.
+        """
         pulls, self._pulls = self._pulls, {}
-        if pulls:
-            with self._transaction():
+        if not pulls:
+            return 0
+        try:
+            with self._writing(), self._transaction():
                 self._db.executemany(
                     "UPDATE manifests SET pulled = ? WHERE digest = ?",
                     [(utc(when), digest) for digest, when in pulls.items()],
                 )
+        except OCIError as e:
+            for digest, when in pulls.items():
+                self._pulls[digest] = max(when, self._pulls.get(digest, when))
+            if not self._pulls_failing:
+                self._pulls_failing = True
+                log.warn("Pull times are kept in memory until they can be written: {why}", why=e.message)
+            return 0
+        if self._pulls_failing:
+            self._pulls_failing = False
+            log.info("Pull times are written again")
         return len(pulls)
 
     def _transaction(self) -> "_Transaction":
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._busy_timeout)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn sqlite's full disk and lock timeouts into the errors clients get (507, 503)."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if _primary(e) == sqlite3.SQLITE_FULL:
+                raise StorageFull(f"the index cannot grow: {e}") from None
+            if _primary(e) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise IndexBusy() from None
+            raise
 
     @classmethod
     def _on(cls, db: sqlite3.Connection, clock: IReactorTime) -> "Index":
         """An index over an open connection, as it is (no migration)."""
         index = cls.__new__(cls)
+        index.path = ""
         index._clock = clock
+        index._busy_timeout = 5.0
         index._pulls = {}
+        index._pulls_failing = False
         index._db = db
         return index
 
@@ -240,12 +326,17 @@ class Index:
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
         db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-        except sqlite3.OperationalError:
-            # A WAL database in a directory we cannot write: nobody can be writing it either.
+            try:
+                (version,) = db.execute("PRAGMA user_version").fetchone()
+            except sqlite3.OperationalError:
+                # A WAL database in a directory we cannot write: nobody can be writing it either.
+                db.close()
+                db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None,
+                                     check_same_thread=False)
+                (version,) = db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.DatabaseError as e:
             db.close()
-            db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
-            (version,) = db.execute("PRAGMA user_version").fetchone()
+            raise _unusable(path, e) from None
         if version < migrations()[-1][0]:
             db.close()
             raise sqlite3.OperationalError(
@@ -307,36 +398,50 @@ class Index:
         return int(size)
 
     def remove_images(self, images: Iterable["CachedImage"], fit: int | None = None,
-                      unlink: Callable[[str], None] = lambda digest: None, batch: int = 100) -> "Removal":
+                      store: "BlobStore | None" = None, batch: int = 100) -> "Removal":
         """Untag images, drop the manifests and blobs nothing else uses, then every unreferenced blob.
 
         With ``fit``, stops once the cache is no larger than that many bytes.
-        Works in transactions of ``batch`` images, so a server sharing the
-        index waits for at most one of them.  ``unlink`` removes the file of
-        each dropped digest inside its transaction: until the commit no other
-        process can record that digest again, so a file fetched anew is never
-        removed.
+        Works in transactions of at most ``batch`` images and BATCH_SECONDS,
+        so a server sharing the index waits only that long for the lock.
+        Each transaction commits before the ``store``'s files of what it dropped
+        are removed, so a crash leaves files no row names (which ``check
+        --repair`` sweeps), never a row without its file; a file fetched and
+        recorded anew meanwhile is left alone.  Without a store, only rows change.
         """
         pending = list(images)
+        pending.reverse()
         removed: list[CachedImage] = []
         manifests: dict[str, int] = {}
         blobs: dict[str, int] = {}
         size = self.cache_size() if fit is not None else 0
         while True:
+            doomed: set[str] = set()
             with self._transaction():
-                for image in pending[:batch]:
-                    if fit is not None and size <= fit:
-                        break
-                    size -= self._remove_image(image, manifests, blobs, unlink)
+                began = time.monotonic()
+                taken = 0
+                while pending and (fit is None or size > fit) and (
+                        taken == 0 or (taken < batch and time.monotonic() - began < BATCH_SECONDS)):
+                    image = pending.pop()
+                    size -= self._remove_image(image, manifests, blobs, doomed)
                     removed.append(image)
-                pending = pending[batch:]
-                if not pending or (fit is not None and size <= fit):
+                    taken += 1
+                finished = not pending or (fit is not None and size <= fit)
+                if finished:
                     orphans = dict(self._db.execute("SELECT digest, size FROM blobs_unreferenced"))
-                    self._drop_blobs(orphans, blobs, unlink)
-                    return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
+                    self._drop_blobs(orphans, blobs, doomed)
+                # Which files the rows named, while no one can record those digests again.
+                files = {digest: store.identity(digest) for digest in doomed} if store is not None else {}
+            for digest, identity in sorted(files.items()):
+                if store is not None and identity is not None and not self.names(digest):
+                    store.remove(digest, identity)
+            if finished:
+                return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
+            # A gap between transactions, for a writer that waits for the lock.
+            time.sleep(_LOCK_POLL_SECONDS * 2)
 
     def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
-                      unlink: Callable[[str], None]) -> int:
+                      doomed: set[str]) -> int:
         """Untag one image and drop what only it used; returns the bytes freed."""
         if image.tag is not None:
             self._db.execute("DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
@@ -351,19 +456,15 @@ class Index:
                     "SELECT 1 FROM manifest_refs WHERE child = ? AND kind IN ('config', 'layer') LIMIT 1",
                     (blob,)).fetchone():
                 freed[blob] = size
-        self._drop_blobs(freed, blobs, unlink)
-        for digest in dropped:
-            if self.blob_size(digest) is None:
-                unlink(digest)
+        self._drop_blobs(freed, blobs, doomed)
+        doomed.update(digest for digest in dropped if self.blob_size(digest) is None)
         manifests.update(dropped)
         return sum(dropped.values()) + sum(freed.values())
 
-    def _drop_blobs(self, found: dict[str, int], blobs: dict[str, int], unlink: Callable[[str], None]) -> None:
-        """Delete blob rows and their files (unless the digest is also a cached manifest)."""
+    def _drop_blobs(self, found: dict[str, int], blobs: dict[str, int], doomed: set[str]) -> None:
+        """Delete blob rows, marking their files to go (unless the digest is also a cached manifest)."""
         self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(digest,) for digest in found])
-        for digest in found:
-            if self.manifest(digest) is None:
-                unlink(digest)
+        doomed.update(digest for digest in found if self.manifest(digest) is None)
         blobs.update(found)
 
     def _drop_unused(self, digest: str, dropped: dict[str, int], used: set[str]) -> None:
@@ -402,21 +503,70 @@ class Index:
 
     def set_times(self, digest: str, created: str, pulled: str) -> None:
         """Set when a manifest entered the cache and was last pulled (for imported caches)."""
-        self._db.execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
-                         (created, pulled, digest))
+        with self._transaction():
+            self._db.execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
+                             (created, pulled, digest))
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (a failed COMMIT too).
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    Waits up to ``wait`` seconds for another connection's write lock, trying
+    every millisecond.  Inside another transaction it is part of that one.
+    """
+
+    def __init__(self, db: sqlite3.Connection, wait: float) -> None:
         self._db = db
+        self._wait = wait
+        self._nested = False
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._nested = self._db.in_transaction
+        if self._nested:
+            return
+        deadline = time.monotonic() + self._wait
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if _primary(e) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(_LOCK_POLL_SECONDS)
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if self._nested:
+            return
+        if kind is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # sqlite rolls back by itself after some errors (a full disk among them).
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+
+def _primary(error: sqlite3.Error) -> int:
+    """sqlite's primary result code of an error (without the extended part)."""
+    return int(getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _unusable(path: str, error: sqlite3.DatabaseError) -> CacheUnusable:
+    """A start-up error naming what is wrong with the index file and what to do."""
+    code = _primary(error)
+    if code == sqlite3.SQLITE_NOTADB:
+        return CacheUnusable(
+            f"{path} is not an sqlite database ({error}): move it aside to start with an empty index, "
+            "then run 'ociregistry check --repair' to remove the files it no longer names")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return CacheUnusable(f"cannot open {path} for writing ({error}): the image path must be writable")
+    return CacheUnusable(f"cannot use the index {path}: {error}")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Taking things out of the cache: pruning by pattern, age or size, and checking files against digests.
 
-Pruning works while the server runs.  Rows are deleted and their files
-unlinked inside short write transactions, so no other process can record one
-of those digests again (after a fresh download) until the files are gone.  A
-dry run works on an in-memory copy of the index and takes no lock.  A
-client already streaming a file keeps its open descriptor (POSIX unlink leaves
-the bytes to open readers), downloads in progress live in ``tmp/`` where
-pruning never looks, and a request that finds a row but no file fetches the
-content again.
+Pruning works while the server runs, and in the server on a thread of its
+own with its own connection.  Rows are deleted in short write transactions,
+and each one's files are unlinked after it commits: a crash then leaves only
+files no row names, which ``check --repair`` sweeps, never a row without its
+file.  A file fetched and recorded anew in between is a different file, and
+is left alone.  A dry run works on an in-memory copy of the index and takes no
+lock.  A client already streaming a file keeps its open descriptor (POSIX
+unlink leaves the bytes to open readers), downloads in progress live in
+``tmp/`` where pruning never looks, and a request that finds a row but no file
+fetches the content again.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import datetime
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -32,6 +35,12 @@ log = Logger()
 
 _DEFAULT_FREQUENCY = 86400.0
 _CHUNK = 1024 * 1024
+# A file no row names is left alone this long after it was written: a download
+# renames its file into place a moment before it records the row.
+SETTLE_SECONDS = 600.0
+
+T = TypeVar("T")
+ToThread = Callable[..., "Deferred[Any]"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def prune(index: Index, store: BlobStore, criteria: Criteria, dry_run: bool = Fa
     """Remove the images the criteria select and the files nothing uses any more."""
     chosen = criteria.select(index.cached_images())
     if not dry_run:
-        return index.remove_images(chosen, fit=criteria.max_size, unlink=store.remove)
+        return index.remove_images(chosen, fit=criteria.max_size, store=store)
     trial = index.snapshot()
     try:
         return trial.remove_images(chosen, fit=criteria.max_size)
@@ -137,23 +146,55 @@ def describe_removal(removal: Removal, dry_run: bool) -> list[str]:
     return lines
 
 
-def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime) -> None:
+def inline(function: Callable[..., T], *args: Any) -> "Deferred[T]":
+    """Run work at once on the calling thread (where no thread is wanted, as in tests)."""
+    return maybeDeferred(function, *args)
+
+
+def on_own_connection(index: Index, to_thread: ToThread, work: Callable[[Index], T]) -> "Deferred[T]":
+    """Run ``work`` on a thread, with a connection of its own to the index (pull times written first).
+
+    Long reads and prunes then never hold up the reactor; their writes wait
+    for the lock on that thread, and the reactor's own writes wait at most
+    for one of their short transactions.
+    """
+    index.flush_pulls()
+
+    def run() -> T:
+        own = index.reopen()
+        try:
+            return work(own)
+        finally:
+            own.close()
+
+    return to_thread(run)
+
+
+def log_removal(lines: list[str], what: str) -> None:
+    """Log what a prune removed as one event: thousands of events would hold up the reactor."""
+    log.info("{what}: {summary}{details}", what=what, summary=lines[-1],
+             details="".join(f"\n  {line}" for line in lines[:-1]))
+
+
+async def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime,
+                     to_thread: ToThread = inline) -> None:
     """One pass of background pruning, logged; its errors are logged and do not stop later passes."""
     try:
-        index.flush_pulls()
-        removal = prune(index, store, criteria_for(settings, clock.seconds()), settings.dry_run)
-        for line in describe_removal(removal, settings.dry_run):
-            log.info("Pruning ({type}): {line}", type=settings.type, line=line)
+        criteria = criteria_for(settings, clock.seconds())
+        lines = await on_own_connection(index, to_thread, lambda own: describe_removal(
+            prune(own, store, criteria, settings.dry_run), settings.dry_run))
+        log_removal(lines, f"Pruning ({settings.type})")
     except Exception:
         log.failure("Pruning pass failed")
 
 
 def make_prune_service(settings: PruneSettings, index: Index, image_path: str,
-                       clock: IReactorTime) -> TimerService:
+                       clock: IReactorTime, to_thread: ToThread = inline) -> TimerService:
     """The background pruning of ``pruneConfig``: a pass every ``frequency`` (default a day)."""
     criteria_for(settings, clock.seconds())
-    service = TimerService(settings.frequency or _DEFAULT_FREQUENCY, prune_pass, index,
-                           removal_store(image_path), settings, clock)
+    store = removal_store(image_path)
+    service = TimerService(settings.frequency or _DEFAULT_FREQUENCY,
+                           lambda: Deferred.fromCoroutine(prune_pass(index, store, settings, clock, to_thread)))
     service.clock = clock
     return service
 
@@ -173,11 +214,15 @@ class Problem:
 
 
 def check(index: Index, store: BlobStore, repair: bool = False,
-          progress: Callable[[str], None] = lambda line: None) -> list[Problem]:
+          progress: Callable[[str], None] = lambda line: None,
+          settle: float = SETTLE_SECONDS) -> list[Problem]:
     """Verify every indexed file against its size and digest, and find files no row names.
 
-    With ``repair``, corrupt or missing content loses its row and file (so it is
-    fetched again) and unindexed files are removed.
+    Safe beside a running server: what a prune or a download changed since
+    the listing is looked at again before it counts, and a file written in
+    the last ``settle`` seconds is left to the download recording it.
+    With ``repair``, corrupt or missing content loses its row and file (so it
+    is fetched again) and unindexed files are removed.
     """
     problems = []
     known = set()
@@ -187,6 +232,9 @@ def check(index: Index, store: BlobStore, repair: bool = False,
         what = _verify(store.path_for(digest), digest, size)
         if what is None:
             continue
+        # Gone from the index since the listing (pruned), or whole again (fetched anew): no problem.
+        if index.stored_size(digest, kind) != size or _verify(store.path_for(digest), digest, size) is None:
+            continue
         problems.append(Problem(digest, kind, what))
         if repair:
             if kind == "manifest":
@@ -194,12 +242,26 @@ def check(index: Index, store: BlobStore, repair: bool = False,
             else:
                 index.forget_blob(digest)
             store.remove(digest)
-    for digest in _files(store):
+    for digest in unindexed(index, store, settle):
         if digest not in known:
             problems.append(Problem(digest, "file", "not in the index"))
             if repair:
                 store.remove(digest)
     return problems
+
+
+def unindexed(index: Index, store: BlobStore, settle: float = SETTLE_SECONDS) -> list[str]:
+    """The files under ``blobs/`` that no row names and no download is about to record."""
+    found = []
+    settled = time.time() - settle
+    for digest in _files(store):
+        try:
+            written = os.stat(store.path_for(digest)).st_mtime
+        except FileNotFoundError:
+            continue
+        if written <= settled and not index.names(digest):
+            found.append(digest)
+    return found
 
 
 def _verify(path: str, digest: str, size: int) -> str | None:

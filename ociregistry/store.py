@@ -3,11 +3,14 @@
 Every manifest and blob lives at ``blobs/<algorithm>/<hex>``.  New content is
 written to a private file in ``tmp/`` while it is hashed, synced, and only
 renamed into place once its digest is verified, so a crash leaves either
-nothing or a complete, verified object.
+nothing or a complete, verified object.  A write that fails for any reason
+closes its file and removes it; a full disk is a ``StorageFull`` (507) for new
+content, while what is stored keeps being served.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -17,9 +20,28 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from ociregistry.errors import OCIError
+
 log = Logger()
 
 DeferToThread = Callable[..., "Deferred[None]"]
+
+# Below this much free space new content is refused before it is written, and
+# /health reports the disk as full.
+MINIMUM_FREE = 1024 * 1024
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFull(OCIError):
+    """The disk under the image path has no room for new content."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(507, "UNAVAILABLE", f"the cache has no room for new content: {why}")
+        self.why = why
+
+
+class CacheUnusable(Exception):
+    """The image path or its index cannot be used at all; the message says why and what to do."""
 
 
 class DigestMismatch(Exception):
@@ -43,29 +65,66 @@ class BlobStore:
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._defer_to_thread = defer_to_thread
+        # The room the last write that found no space had, until there is more than that.
+        self._full_at: int | None = None
 
     def prepare(self) -> int:
         """Create the directories and sweep writes a previous run left behind.
 
-        Returns how many abandoned temporary files were removed.
+        Returns how many abandoned temporary files were removed; raises
+        CacheUnusable when the image path cannot be written.
         """
-        os.makedirs(self._blobs, exist_ok=True)
-        swept = 0
-        if os.path.isdir(self._tmp):
-            swept = len(os.listdir(self._tmp))
-            shutil.rmtree(self._tmp)
-        os.makedirs(self._tmp)
+        try:
+            os.makedirs(self._blobs, exist_ok=True)
+            swept = 0
+            if os.path.isdir(self._tmp):
+                swept = len(os.listdir(self._tmp))
+                shutil.rmtree(self._tmp)
+            os.makedirs(self._tmp)
+        except OSError as e:
+            raise CacheUnusable(f"image path {self.root} is not writable: {e.strerror}") from None
         return swept
 
     def writable(self) -> str | None:
-        """None if a file can be created in the temporary area, else why not."""
+        """None if new content fits under the image path, else why not."""
         probe = os.path.join(self._tmp, f"health-{uuid.uuid4().hex}")
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             os.unlink(probe)
         except OSError as e:
             return f"image path is not writable: {e.strerror}"
+        return self.full()
+
+    def free(self) -> int:
+        """Bytes free for us on the disk under the image path."""
+        found = os.statvfs(self.root)
+        return found.f_bavail * found.f_frsize
+
+    def full(self) -> str | None:
+        """Why new content does not fit (too little free space, or a write failed since), or None."""
+        free = self.free()
+        if free < MINIMUM_FREE:
+            return f"image path is full: {free} bytes free"
+        if self._full_at is not None:
+            if free < self._full_at + MINIMUM_FREE:
+                return f"image path is full: the last write found no space left ({free} bytes free)"
+            log.info("The image path has room again ({free} bytes free)", free=free)
+            self._full_at = None
         return None
+
+    def failed(self, error: OSError, written: int = 0) -> OCIError | OSError:
+        """What a failed write means for clients: StorageFull when the disk is full.
+
+        The disk counts as full (for /health and new writes) until it has
+        more room than this write had: what is free now and the ``written``
+        bytes of its file, which go with it.
+        """
+        if error.errno not in _FULL:
+            return error
+        if self._full_at is None:
+            log.warn("The image path is full: {why}", why=error.strerror)
+        self._full_at = self.free() + written
+        return StorageFull(error.strerror or "no space left on device")
 
     def path_for(self, digest: str) -> str:
         """The file that holds (or will hold) the content with this digest.
@@ -85,11 +144,27 @@ class BlobStore:
             return None
 
     def begin(self, digest: str, limit: int | None = None) -> "Writer":
-        """Start writing content that must hash to ``digest``."""
+        """Start writing content that must hash to ``digest``; StorageFull when the disk is full."""
+        why = self.full()
+        if why is not None:
+            raise StorageFull(why)
         return Writer(self, digest, os.path.join(self._tmp, uuid.uuid4().hex), limit)
 
-    def remove(self, digest: str) -> None:
-        """Delete stored content; readers holding it open keep their bytes."""
+    def identity(self, digest: str) -> tuple[int, int] | None:
+        """Which file holds a digest now (device and inode), or None when there is none."""
+        try:
+            found = os.stat(self.path_for(digest))
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def remove(self, digest: str, identity: tuple[int, int] | None = None) -> None:
+        """Delete stored content (only if it is still the file ``identity`` names, when given).
+
+        Readers holding the file open keep their bytes.
+        """
+        if identity is not None and self.identity(digest) != identity:
+            return
         try:
             os.unlink(self.path_for(digest))
         except FileNotFoundError:
@@ -106,19 +181,31 @@ class Writer:
         self._store = store
         self._limit = limit
         self._hash = hashlib.new(digest.partition(":")[0])
-        self._fd: int | None = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-        )
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise store.failed(e) from None
 
     def write(self, data: bytes) -> None:
-        """Append bytes, hashing them; raise SizeExceeded past the limit."""
-        assert self._fd is not None
+        """Append bytes, hashing them; raise SizeExceeded past the limit.
+
+        A failed write discards the file: the writer is then done.
+        """
+        if self._fd is None:
+            raise ValueError(f"the write of {self.digest} was abandoned")
         if self._limit is not None and self.size + len(data) > self._limit:
+            self.abort()
             raise SizeExceeded(f"{self.digest} is larger than {self._limit} bytes")
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as e:
+            error = self._store.failed(e, self.size)
+            self.abort()
+            raise error from None
         self._hash.update(data)
         self.size += len(data)
 
@@ -137,17 +224,22 @@ class Writer:
             self.abort()
             raise DigestMismatch(self.digest, actual)
         fd = self._fd
-        assert fd is not None
+        if fd is None:
+            raise ValueError(f"the write of {self.digest} was abandoned")
+        final = self._store.path_for(self.digest)
+        directory = os.path.dirname(final)
         try:
             await self._store._defer_to_thread(os.fsync, fd)
+            self._close()
+            os.makedirs(directory, exist_ok=True)
+            os.replace(self.path, final)
+        except OSError as e:
+            error = self._store.failed(e, self.size)
+            self.abort()
+            raise error from None
         except BaseException:
             self.abort()
             raise
-        self._close()
-        final = self._store.path_for(self.digest)
-        directory = os.path.dirname(final)
-        os.makedirs(directory, exist_ok=True)
-        os.replace(self.path, final)
         self.path = final
         await self._store._defer_to_thread(_sync_directory, directory)
         return final

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any, cast
 
 import yaml
@@ -22,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -46,8 +48,8 @@ from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
 from ociregistry.index import Index
 from ociregistry.load import host_platform, make_preload_service
-from ociregistry.prune import make_prune_service
-from ociregistry.store import BlobStore
+from ociregistry.prune import make_prune_service, unindexed
+from ociregistry.store import BlobStore, CacheUnusable
 from ociregistry.threads import WorkerThreads
 from ociregistry.upstream import Upstream, api_host
 from ociregistry.logs import LEVELS
@@ -58,6 +60,9 @@ from ociregistry.web import Health, RegistryAPI, Root, plain_http
 log = Logger()
 
 _PULL_FLUSH_SECONDS = 10.0
+# The reactor's writes wait this long for another process's write lock (a prune's
+# transactions are much shorter), then the request gets a 503 instead of a stall.
+_INDEX_BUSY_SECONDS = 0.25
 _METRICS_REFRESH_SECONDS = 15.0
 _DISK_THREADS = 4
 
@@ -448,15 +453,25 @@ def log_banner(config: ServerConfig, cache: Cache) -> None:
 
 
 def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Cache, Index, int]:
-    """Open (or create) the cache under the image path: (cache, index, swept temporaries)."""
-    os.makedirs(config.image_path, exist_ok=True)
+    """Open (or create) the cache under the image path: (cache, index, swept temporaries).
+
+    Raises CacheUnusable, saying why in one line, when it cannot be used.
+    """
+    try:
+        os.makedirs(config.image_path, exist_ok=True)
+    except OSError as e:
+        raise CacheUnusable(f"cannot create the image path {config.image_path}: {e.strerror}") from None
     # Blocking work gets threads of its own, not the reactor's (/metrics renders there):
     # name lookups chosen by clients must never delay a commit's fsync, nor the reverse.
     disk = WorkerThreads(reactor, "disk", _DISK_THREADS)
     names = WorkerThreads(reactor, "dns", config.dns_threads)
     store = BlobStore(config.image_path, disk.run)
     swept = store.prepare()
-    index = Index(os.path.join(config.image_path, "index.db"), reactor)
+    index_path = os.path.join(config.image_path, "index.db")
+    new_index = not os.path.exists(index_path)
+    index = Index(index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS)
+    if new_index:
+        _warn_unindexed(index, store, index_path)
     registries = [host_of(api_host(name)) for name in [config.default_ns, *(r.name for r in config.registries)]]
     lookups = HostLookups(reactor, names.run, threads=names.size, preferred=registries,
                           timeout=config.dns_timeout)
@@ -484,6 +499,16 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     return cache, index, swept
 
 
+def _warn_unindexed(index: Index, store: BlobStore, index_path: str) -> None:
+    """A new index over files left by an old one (index.db deleted): say how to recover the space."""
+    orphans = len(unindexed(index, store, settle=0.0))
+    if orphans:
+        log.warn("The index {index_path} is new, but {orphans} files under blobs/ are named by no row "
+                 "(was index.db deleted?). They are never served; 'ociregistry check --repair --image-path "
+                 "{image_path}' removes them, and pulls fetch the images again",
+                 index_path=index_path, orphans=orphans, image_path=store.root)
+
+
 def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[Site, RegistryAPI]:
     """The web site serving the pull API (and /health, and /metrics unless it has its own port)."""
     api = RegistryAPI(cache, config.default_ns, metrics)
@@ -501,7 +526,10 @@ def makeService(options: Options) -> IService:
 
     config: ServerConfig = options.config
     metrics = Metrics()
-    cache, index, swept = open_cache(config, reactor, metrics)
+    try:
+        cache, index, swept = open_cache(config, reactor, metrics)
+    except CacheUnusable as e:
+        raise SystemExit(f"ociregistry: {e}") from None
     _hand_over(config.image_path, options.parent)
     site, api = make_site(cache, config, metrics)
     tls = None if config.server_tls is None else ServerTLS(config.server_tls)
@@ -529,7 +557,8 @@ def makeService(options: Options) -> IService:
         make_admin_service(index, config.image_path, config.admin_listen, reactor, reactor.stop,
                            config.admin_token).setServiceParent(service)
     if config.prune is not None and config.prune.enabled:
-        make_prune_service(config.prune, index, config.image_path, reactor).setServiceParent(service)
+        make_prune_service(config.prune, index, config.image_path, reactor,
+                           partial(deferToThreadPool, reactor, reactor.getThreadPool())).setServiceParent(service)
     if tls is not None:
         for description in config.tls_listen:
             factory = TLSMemoryBIOFactory(tls, False, site)

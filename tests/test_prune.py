@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 
 
 from treq.client import HTTPClient
@@ -243,6 +244,9 @@ class CheckTests(SynchronousTestCase):
             f.write(b"LAYER")
         os.unlink(cache.store.path_for(image.digest))
         stray = cache.put(b"nobody's blob")
+        self.assertEqual(check(cache.index, cache.store)[2:], [], "a fresh file may be a download being recorded")
+        hour_ago = time.time() - 3600
+        os.utime(cache.store.path_for(stray), (hour_ago, hour_ago))
         problems = {(p.digest, p.kind): p.what for p in check(cache.index, cache.store)}
         self.assertEqual(set(problems), {(layer, "blob"), (image.digest, "manifest"), (stray, "file")})
         self.assertIn("hashes to", problems[(layer, "blob")])
