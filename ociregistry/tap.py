@@ -441,7 +441,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: ServerConfig = options.config
-    metrics = Metrics()
+    metrics = Metrics([config.default_ns, *(r.name for r in config.registries)])
     cache, index, swept = open_cache(config, reactor, metrics)
     site, api = make_site(cache, config, metrics)
     service = OCIRegistryService(config)
