@@ -29,7 +29,8 @@ from ociregistry.grammar import Route, Upstream, check_digest, check_reference, 
 
 log = Logger()
 
-_CHUNK = 256 * 1024
+# Buffered writes (TLS) are small: each response holds about this much for a client that stalls.
+_CHUNK = 64 * 1024
 _SENDFILE_BURST = 8 * 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
 _API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -114,11 +115,17 @@ class BlobSender:
                 self._waiting = self._source.wait_for(self._position)
                 self._waiting.addCallbacks(self._more, self._failed)
                 return
-            if burst < _SENDFILE_BURST and self._socket is not None and _drained(self._socket):
-                sent = self._sendfile(min(limit - self._position, _SENDFILE_BURST - burst))
-                if sent:
-                    burst += sent
-                    continue
+            if self._socket is not None:
+                if burst < _SENDFILE_BURST and _drained(self._socket):
+                    sent = self._sendfile(min(limit - self._position, _SENDFILE_BURST - burst))
+                    if sent:
+                        burst += sent
+                        continue
+                if self._socket is not None:
+                    # The socket is full (or we have sent a burst): nothing is copied into
+                    # the transport's buffer, so a slow or vanished client holds no memory.
+                    _resume_when_writable(self._socket)
+                    return
             # A buffered write: the transport sends it when the socket is writable and
             # resumes us once its buffer is empty, so the reactor is never held for long.
             data = os.pread(self._fd, min(_CHUNK, limit - self._position), self._position)
@@ -214,6 +221,17 @@ def _plain_tcp(request: Any) -> tcp.Connection | None:
 def _drained(transport: tcp.Connection) -> bool:
     """Whether the transport has written everything it was given (headers included)."""
     return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+
+
+def _resume_when_writable(transport: tcp.Connection) -> None:
+    """Pause the transport's producer (the channel, and so the sender) until the socket takes more.
+
+    This is what the transport does when its own buffer is full; with its buffer empty it
+    resumes the producer as soon as the socket is writable, on a later reactor turn.
+    """
+    transport.producerPaused = True
+    transport.producer.pauseProducing()
+    transport.startWriting()
 
 
 class RegistryAPI(Resource):
