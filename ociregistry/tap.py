@@ -25,7 +25,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
@@ -53,6 +52,7 @@ from ociregistry.upstream import Upstream
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.tls import ServerTLS
+from ociregistry.site import ClientLimits, LimitedSite
 from ociregistry.web import Health, RegistryAPI, Root, plain_http
 
 log = Logger()
@@ -92,6 +92,13 @@ class ServerConfig:
     os: str | None = None
     arch: str | None = None
     prune: PruneSettings | None = None
+    client_header_timeout: float = 30.0
+    client_idle_timeout: float = 60.0
+    client_max_connections: int = 256
+
+    def client_limits(self) -> ClientLimits:
+        """What each client connection may take."""
+        return ClientLimits(self.client_header_timeout, self.client_idle_timeout, self.client_max_connections)
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data, secrets masked, for --print-config."""
@@ -148,6 +155,9 @@ class Options(usage.Options):
         ["log-file", None, None, "Write the log here instead of standard output."],
         ["log-format", None, "text", "text, or json for log shippers."],
         ["shutdown-grace", None, "10", "Seconds to let responses and downloads finish at shutdown."],
+        ["client-header-timeout", None, "30", "Seconds a client has to send a whole request."],
+        ["client-idle-timeout", None, "60", "Seconds a client connection may idle, or leave a response unread."],
+        ["client-max-connections", None, "256", "Connections one client address may hold open at once."],
     ]
     optFlags: list[list[Any]] = [
         ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
@@ -204,6 +214,17 @@ def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not allow_never):
         raise usage.UsageError(f"--{option}: must be a positive duration: {value!r}")
     return seconds
+
+
+def _count(option: str, value: Any) -> int:
+    """A positive whole number from an option."""
+    try:
+        number = int(value)
+        if number < 1:
+            raise ValueError
+    except ValueError:
+        raise usage.UsageError(f"--{option}: must be a positive whole number: {value!r}")
+    return number
 
 
 def _tcp(option: str, port: Any, host: str) -> str:
@@ -333,6 +354,9 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         os=_choose(options["os"], settings.os, None),
         arch=_choose(options["arch"], settings.arch, None),
         prune=settings.prune,
+        client_header_timeout=_seconds("client-header-timeout", options["client-header-timeout"]),
+        client_idle_timeout=_seconds("client-idle-timeout", options["client-idle-timeout"]),
+        client_max_connections=_count("client-max-connections", options["client-max-connections"]),
     )
 
 
@@ -425,15 +449,13 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     return cache, index, swept
 
 
-def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[Site, RegistryAPI]:
+def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[LimitedSite, RegistryAPI]:
     """The web site serving the pull API (and /health, and /metrics unless it has its own port)."""
     api = RegistryAPI(cache, config.default_ns, metrics)
     children: dict[bytes, Resource] = {b"v2": api, b"health": Health(cache.health)}
     if config.metrics_listen is None:
         children[b"metrics"] = metrics.resource()
-    site = Site(Root(children), logFormatter=logs.access_line)
-    site.displayTracebacks = False
-    return site, api
+    return LimitedSite(Root(children), config.client_limits(), logFormatter=logs.access_line), api
 
 
 def makeService(options: Options) -> IService:
@@ -470,7 +492,7 @@ def makeService(options: Options) -> IService:
     for description, name, resource in [(config.health_listen, b"health", Health(cache.health)),
                                         (config.metrics_listen, b"metrics", metrics.resource())]:
         if description is not None:
-            own = plain_http(Site(Root({name: resource})))
+            own = plain_http(LimitedSite(Root({name: resource}), config.client_limits()))
             StreamServerEndpointService(serverFromString(reactor, description), own).setServiceParent(service)
     if swept:
         log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)
