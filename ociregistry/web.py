@@ -151,11 +151,12 @@ class BlobSender:
             self._request.write(data)
 
     def _sendfile(self, count: int) -> int:
-        """Let the kernel copy file bytes straight to the socket; 0 when it is full."""
+        """Let the kernel copy file bytes straight to the socket; 0 when it is full or the client is gone."""
         assert self._socket is not None
         try:
             sent = os.sendfile(self._socket.fileno(), self._fd, self._position, count)
-        except BlockingIOError:
+        except (BlockingIOError, ConnectionError):
+            # A client that is gone is noticed by the transport, which then stops us.
             return 0
         except OSError:
             # Not every file system or socket supports it: the buffered path always works.
