@@ -184,6 +184,7 @@ class RequestTimeout(RegistryError):
 # The one place where a failure's HTTP status and OCI code are decided; the most
 # specific class listed wins.
 _ANSWERS: dict[type[RegistryError], tuple[int, str]] = {
+    RegistryError: (500, "UNKNOWN"),
     NotFound: (404, "UNSUPPORTED"),
     ManifestUnknown: (404, "MANIFEST_UNKNOWN"),
     BlobUnknown: (404, "BLOB_UNKNOWN"),

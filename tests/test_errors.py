@@ -31,6 +31,7 @@ class MappingTests(SynchronousTestCase):
             errors.DigestMismatch("wrong"): (502, "DIGEST_INVALID"),
             errors.InsufficientStorage("full"): (507, "UNAVAILABLE"),
             errors.Internal("oops"): (500, "UNKNOWN"),
+            errors.RegistryError("unclassified"): (500, "UNKNOWN"),
             errors.HeadersTooLarge("big"): (431, "UNSUPPORTED"),
             errors.URITooLong("long"): (414, "UNSUPPORTED"),
             errors.RequestTimeout("slow"): (408, "UNSUPPORTED"),
