@@ -14,9 +14,12 @@ from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.resource import Resource
@@ -193,16 +196,31 @@ class LimitedChannel(HTTPChannel):
                    b"Connection": b"close", **answer.headers}
         head = b"HTTP/1.1 %d %s\r\n" % (answer.status, reason)
         head += b"".join(b"%s: %s\r\n" % item for item in headers.items())
+        # What the client still sends is dropped, so no backpressure is wanted; and TLS, holding
+        # an answer written before its handshake, would pause our reading and so the handshake.
+        self._networkProducer.unregisterProducer()
+        self._networkProducer.resumeProducing()
         self.transport.write(head + b"\r\n" + (b"" if self._method == b"HEAD" else body))
-        if ITCPTransport.providedBy(self.transport) and not ISSLTransport.providedBy(self.transport):
+        connection = plain_tcp(self.transport)
+        if connection is not None:
             # The end of our answer is the end of the connection, for clients that read until then.
-            self.transport.loseWriteConnection()
+            # (TLS has no half-close: there the client closes, or the linger ends it.)
+            connection.loseWriteConnection()
         self._linger = self.callLater(_LINGER_SECONDS, self.transport.abortConnection)
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
+
+
+def plain_tcp(transport: object) -> tcp.Connection | None:
+    """The TCP connection under a transport, looking through wrappers, or None when TLS is on the way."""
+    while isinstance(transport, ProtocolWrapper) and not isinstance(transport, TLSMemoryBIOProtocol):
+        transport = transport.transport
+    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(transport):
+        return transport
+    return None
 
 
 class LimitedSite(Site):

@@ -19,7 +19,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer
 
 from ociregistry.cache import Cache
 from ociregistry.downloads import BlobSource, StoredBlob
@@ -34,7 +34,7 @@ from ociregistry.errors import (
 )
 from ociregistry.metrics import Metrics
 from ociregistry.grammar import Route, Upstream, check_digest, check_reference, parse_path, resolve_upstream
-from ociregistry.site import RegistryRequest
+from ociregistry.site import RegistryRequest, plain_tcp
 
 log = Logger()
 
@@ -225,12 +225,7 @@ def _plain_tcp(request: RegistryRequest) -> tcp.Connection | None:
     channel = request.channel
     if not isinstance(channel, HTTPChannel) or not request.responseHeaders.hasHeader(b"content-length"):
         return None
-    transport = channel.transport
-    while isinstance(transport, _RefuseTLS):
-        transport = transport.transport
-    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(transport):
-        return transport
-    return None
+    return plain_tcp(channel.transport)
 
 
 def _drained(transport: tcp.Connection) -> bool:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import time
 
 from tests.fakes import FakeRegistry, digest_of, listen
-from tests.realparts import Server, WebClient, WorkspaceTestCase, free_port, sleep, start_server
+from tests.realparts import Server, WebClient, WorkspaceTestCase, free_port, make_ca, sleep, start_server
 
 
 def connect(port: int) -> socket.socket:
@@ -164,3 +165,36 @@ class ClientLimitsTests(WorkspaceTestCase):
             finally:
                 for sock in held:
                     sock.close()
+
+    async def test_limits_over_tls(self) -> None:
+        """The HTTPS listener keeps the same limits: an oversized header is a 431 the client reads, then a close."""
+        ca = make_ca(self.path("ca"), "mirror")
+        cert, key = ca.issue_server("127.0.0.1")
+        tls_port = free_port()
+        await self.start("--tls-cert", cert, "--tls-key", key, "--tls-port", str(tls_port),
+                         "--client-max-connections", "3")
+        context = ssl.create_default_context(cafile=ca.cert_path)
+
+        def tls(request: bytes) -> bytes:
+            with context.wrap_socket(connect(tls_port), server_hostname="127.0.0.1") as sock:
+                sock.sendall(request)
+                chunks = []
+                try:
+                    while chunk := sock.recv(65536):
+                        chunks.append(chunk)
+                except (ConnectionResetError, ssl.SSLError):
+                    pass
+                return b"".join(chunks)
+
+        started = time.monotonic()
+        response = tls(b"GET /v2/ HTTP/1.1\r\nHost: m\r\nX-Big: " + b"b" * 64 * 1024 + b"\r\n\r\n")
+        self.assertEqual(status_of(response), 431, response[:300])
+        self.assertLess(time.monotonic() - started, 5)
+        held = [connect(tls_port) for _ in range(3)]
+        try:
+            await sleep(0.5)
+            refused = tls(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n")
+            self.assertEqual(status_of(refused), 429, refused[:300])
+        finally:
+            for sock in held:
+                sock.close()
