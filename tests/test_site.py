@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -12,6 +13,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ociregistry.logs import access_line
 from ociregistry.site import ClientLimits, LimitedChannel, LimitedSite, RegistryRequest
+from ociregistry.tap import Options
 
 
 class _Seen(Resource):
@@ -130,3 +132,24 @@ class CapTests(SiteTestCase):
         first.connectionLost(None)
         _, again = self.connect()
         self.assertEqual(again.value(), b"")
+
+
+class LimitOptionsTests(SynchronousTestCase):
+    """The options that set the limits."""
+
+    def test_defaults_and_values(self) -> None:
+        """30 s to send a request, 60 s idle, 256 connections per address; the options change them."""
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options.config.client_limits(), ClientLimits(30.0, 60.0, 256))
+        options = Options()
+        options.parseOptions(["--client-header-timeout", "2s", "--client-idle-timeout", "1m",
+                              "--client-max-connections", "8"])
+        self.assertEqual(options.config.client_limits(), ClientLimits(2.0, 60.0, 8))
+
+    def test_invalid(self) -> None:
+        """A cap that is not a positive whole number, or a timeout that is not a duration, is a usage error."""
+        for args in (["--client-max-connections", "0"], ["--client-max-connections", "many"],
+                     ["--client-header-timeout", "soon"], ["--client-idle-timeout", "0"]):
+            with self.assertRaises(usage.UsageError, msg=str(args)):
+                Options().parseOptions(args)
