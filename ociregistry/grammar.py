@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from ociregistry.errors import OCIError, digest_invalid, name_invalid, not_found, unsupported
+from ociregistry.errors import ManifestUnknown, digest_invalid, name_invalid, not_found, unsupported
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
@@ -70,7 +70,7 @@ def check_digest(digest: str) -> str:
 def check_tag(tag: str) -> str:
     """Return the tag if it matches the spec's tag grammar (case is kept)."""
     if not _TAG.match(tag):
-        raise OCIError(404, "MANIFEST_UNKNOWN", f"invalid tag {tag!r}", {"reference": tag})
+        raise ManifestUnknown(f"invalid tag {tag!r}", {"reference": tag})
     return tag
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import IO, Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -17,6 +18,8 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     jsonFileLogObserver,
 )
+
+from ociregistry.site import RegistryRequest
 
 log = Logger()
 
@@ -72,14 +75,13 @@ def observer(level: str, output: str | LogFile | None, json_format: bool) -> ILo
     return FilteringLogObserver(target, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 
-def access_line(timestamp: str, request: Any) -> str:
+def access_line(timestamp: str, request: RegistryRequest) -> str:
     """One line per request: client, method, path, status, bytes, latency and cache result."""
-    started = getattr(request, "started", None)
+    started = request.started
     latency = f"{(time.monotonic() - started) * 1000:.1f}ms" if started is not None else "-"
     length = request.sentLength or 0
     client = request.getClientAddress()
-    host = getattr(client, "host", "-")
+    host = client.host if isinstance(client, (IPv4Address, IPv6Address)) else "-"
     uri = request.uri.decode("latin-1")
     method = request.method.decode("latin-1")
-    status = getattr(request, "cache_status", "-")
-    return f"{host} {method} {uri} {request.code} {length} {latency} cache={status}"
+    return f"{host} {method} {uri} {request.code} {length} {latency} cache={request.cache_status}"

@@ -26,7 +26,6 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
@@ -55,6 +54,7 @@ from ociregistry.upstream import Upstream, api_host
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.tls import ServerTLS
+from ociregistry.site import ClientLimits, LimitedSite
 from ociregistry.web import Health, RegistryAPI, Root, plain_http
 
 log = Logger()
@@ -100,6 +100,13 @@ class ServerConfig:
     prune: PruneSettings | None = None
     dns_threads: int = 8
     dns_timeout: float = 10.0
+    client_header_timeout: float = 30.0
+    client_idle_timeout: float = 60.0
+    client_max_connections: int = 256
+
+    def client_limits(self) -> ClientLimits:
+        """What each client connection may take."""
+        return ClientLimits(self.client_header_timeout, self.client_idle_timeout, self.client_max_connections)
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data, secrets masked, for --print-config."""
@@ -158,6 +165,9 @@ class Options(usage.Options):
         ["shutdown-grace", None, "10", "Seconds to let responses and downloads finish at shutdown."],
         ["dns-threads", None, "8", "Threads looking up upstream host names (getaddrinfo)."],
         ["dns-timeout", None, "10s", "How long a lookup of an upstream host name may take before it is a 504."],
+        ["client-header-timeout", None, "30", "Seconds a client has to send a whole request."],
+        ["client-idle-timeout", None, "60", "Seconds a client connection may idle, or leave a response unread."],
+        ["client-max-connections", None, "256", "Connections one client address may hold open at once."],
     ]
     optFlags: list[list[Any]] = [
         ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
@@ -352,6 +362,9 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         os=_choose(options["os"], settings.os, None),
         arch=_choose(options["arch"], settings.arch, None),
         prune=settings.prune,
+        client_header_timeout=_seconds("client-header-timeout", options["client-header-timeout"]),
+        client_idle_timeout=_seconds("client-idle-timeout", options["client-idle-timeout"]),
+        client_max_connections=_count("client-max-connections", options["client-max-connections"]),
     )
 
 
@@ -509,15 +522,13 @@ def _warn_unindexed(index: Index, store: BlobStore, index_path: str) -> None:
                  index_path=index_path, orphans=orphans, image_path=store.root)
 
 
-def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[Site, RegistryAPI]:
+def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[LimitedSite, RegistryAPI]:
     """The web site serving the pull API (and /health, and /metrics unless it has its own port)."""
     api = RegistryAPI(cache, config.default_ns, metrics)
     children: dict[bytes, Resource] = {b"v2": api, b"health": Health(cache.health)}
     if config.metrics_listen is None:
         children[b"metrics"] = metrics.resource()
-    site = Site(Root(children), logFormatter=logs.access_line)
-    site.displayTracebacks = False
-    return site, api
+    return LimitedSite(Root(children), config.client_limits(), logFormatter=logs.access_line), api
 
 
 def makeService(options: Options) -> IService:
@@ -525,7 +536,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: ServerConfig = options.config
-    metrics = Metrics()
+    metrics = Metrics([config.default_ns, *(r.name for r in config.registries)])
     try:
         cache, index, swept = open_cache(config, reactor, metrics)
     except CacheUnusable as e:
@@ -566,7 +577,7 @@ def makeService(options: Options) -> IService:
     for description, name, resource in [(config.health_listen, b"health", Health(cache.health)),
                                         (config.metrics_listen, b"metrics", metrics.resource())]:
         if description is not None:
-            own = plain_http(Site(Root({name: resource})))
+            own = plain_http(LimitedSite(Root({name: resource}), config.client_limits()))
             StreamServerEndpointService(serverFromString(reactor, description), own).setServiceParent(service)
     if swept:
         log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)

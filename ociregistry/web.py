@@ -6,7 +6,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -16,31 +16,47 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.http import HTTPChannel
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer
 
 from ociregistry.allowlist import lookups_on_behalf_of
 from ociregistry.cache import Cache
 from ociregistry.downloads import BlobSource, StoredBlob
-from ociregistry.errors import OCIError, unsupported
+from ociregistry.errors import (
+    Internal,
+    InvalidParameter,
+    NotFound,
+    OCIError,
+    RangeNotSatisfiable,
+    answer_for,
+    unsupported,
+)
 from ociregistry.metrics import Metrics
 from ociregistry.grammar import Route, Upstream, check_digest, check_reference, parse_path, resolve_upstream
+from ociregistry.site import RegistryRequest, plain_tcp
 
 log = Logger()
 
-_CHUNK = 256 * 1024
+# Buffered writes (TLS) are small: each response holds about this much for a client that stalls.
+_CHUNK = 64 * 1024
 _SENDFILE_BURST = 8 * 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+# Range positions of more digits than this are beyond any blob; they are not parsed (Python
+# refuses to parse numbers of more than 4,300 digits, and a long one is slow to parse).
+_POSITION_DIGITS = 19
+_BEYOND = 10**_POSITION_DIGITS
 _API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | OCIError:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | RangeNotSatisfiable:
     """The byte range a Range header asks for, as (first, end exclusive).
 
     None means "send the whole blob" (no header, or one we may ignore per
-    RFC 9110: malformed, several ranges); an OCIError means 416.
+    RFC 9110: malformed, several ranges); RangeNotSatisfiable means 416.
+    A position too long to be a size is beyond the end of the blob, as RFC
+    9110 reads it: a last position past the end means "to the end".
     """
     if header is None:
         return None
@@ -49,24 +65,23 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | OCIEr
         return None
     first, last = match.group(1), match.group(2)
     if first == "":
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0:
-            return _unsatisfiable(size)
+            return RangeNotSatisfiable(size)
         return max(0, size - suffix), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if last != "" and int(last) < start:
-        return _unsatisfiable(size)
+    start = _position(first)
+    end = size if last == "" else min(_position(last) + 1, size)
+    if last != "" and _position(last) < start:
+        return RangeNotSatisfiable(size)
     if start >= size:
-        return _unsatisfiable(size)
+        return RangeNotSatisfiable(size)
     return start, end
 
 
-def _unsatisfiable(size: int) -> OCIError:
-    return OCIError(
-        416, "BLOB_UNKNOWN", "requested range not satisfiable", {"size": size},
-        headers={b"Content-Range": f"bytes */{size}".encode("ascii")},
-    )
+def _position(digits: str) -> int:
+    """A Range position; any number too long to be a size counts as one past every size."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _POSITION_DIGITS else _BEYOND
 
 
 @implementer(IPushProducer)
@@ -74,7 +89,7 @@ class BlobSender:
     """Streams part of a blob to a client with backpressure, waiting for bytes in flight."""
 
     def __init__(
-        self, request: Request, source: BlobSource, start: int, end: int | None, metrics: Metrics
+        self, request: RegistryRequest, source: BlobSource, start: int, end: int | None, metrics: Metrics
     ) -> None:
         self._request = request
         self._source = source
@@ -115,11 +130,17 @@ class BlobSender:
                 self._waiting = self._source.wait_for(self._position)
                 self._waiting.addCallbacks(self._more, self._failed)
                 return
-            if burst < _SENDFILE_BURST and self._socket is not None and _drained(self._socket):
-                sent = self._sendfile(min(limit - self._position, _SENDFILE_BURST - burst))
-                if sent:
-                    burst += sent
-                    continue
+            if self._socket is not None:
+                if burst < _SENDFILE_BURST and _drained(self._socket):
+                    sent = self._sendfile(min(limit - self._position, _SENDFILE_BURST - burst))
+                    if sent:
+                        burst += sent
+                        continue
+                if self._socket is not None:
+                    # The socket is full (or we have sent a burst): nothing is copied into
+                    # the transport's buffer, so a slow or vanished client holds no memory.
+                    _resume_when_writable(self._socket)
+                    return
             # A buffered write: the transport sends it when the socket is writable and
             # resumes us once its buffer is empty, so the reactor is never held for long.
             data = os.pread(self._fd, min(_CHUNK, limit - self._position), self._position)
@@ -131,11 +152,12 @@ class BlobSender:
             self._request.write(data)
 
     def _sendfile(self, count: int) -> int:
-        """Let the kernel copy file bytes straight to the socket; 0 when it is full."""
+        """Let the kernel copy file bytes straight to the socket; 0 when it is full or the client is gone."""
         assert self._socket is not None
         try:
             sent = os.sendfile(self._socket.fileno(), self._fd, self._position, count)
-        except BlockingIOError:
+        except (BlockingIOError, ConnectionError):
+            # A client that is gone is noticed by the transport, which then stops us.
             return 0
         except OSError:
             # Not every file system or socket supports it: the buffered path always works.
@@ -196,25 +218,31 @@ class BlobSender:
         self._close()
 
 
-def _plain_tcp(request: Any) -> tcp.Connection | None:
+def _plain_tcp(request: RegistryRequest) -> tcp.Connection | None:
     """The TCP connection under a plain HTTP/1.1 response of known length, for sendfile.
 
     TLS, HTTP/2 and chunked responses must go through their transports.
     """
-    channel = getattr(request, "channel", None)
+    channel = request.channel
     if not isinstance(channel, HTTPChannel) or not request.responseHeaders.hasHeader(b"content-length"):
         return None
-    transport = channel.transport
-    while isinstance(transport, _RefuseTLS):
-        transport = transport.transport
-    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(transport):
-        return transport
-    return None
+    return plain_tcp(channel.transport)
 
 
 def _drained(transport: tcp.Connection) -> bool:
     """Whether the transport has written everything it was given (headers included)."""
     return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+
+
+def _resume_when_writable(transport: tcp.Connection) -> None:
+    """Pause the transport's producer (the channel, and so the sender) until the socket takes more.
+
+    This is what the transport does when its own buffer is full; with its buffer empty it
+    resumes the producer as soon as the socket is writable, on a later reactor turn.
+    """
+    transport.producerPaused = True
+    transport.producer.pauseProducing()
+    transport.startWriting()
 
 
 class RegistryAPI(Resource):
@@ -229,9 +257,7 @@ class RegistryAPI(Resource):
         self._metrics = metrics
         self.active = 0
 
-    def render(self, request: Any) -> Any:
-        request.started = time.monotonic()
-        request.route = "other"
+    def render(self, request: RegistryRequest) -> object:
         self.active += 1
         # Asked for before the work starts: a cached answer finishes synchronously,
         # and a request that has finished never fires a later notifyFinish.
@@ -242,10 +268,11 @@ class RegistryAPI(Resource):
         finished.addBoth(self._finished, request)
         return NOT_DONE_YET
 
-    def _finished(self, _: object, request: Any) -> None:
+    def _finished(self, _: object, request: RegistryRequest) -> None:
         self.active -= 1
         status = request.code
-        self._metrics.requests.labels(request.route, str(status)).observe(time.monotonic() - request.started)
+        started = request.started if request.started is not None else time.monotonic()
+        self._metrics.requests.labels(request.route, str(status)).observe(time.monotonic() - started)
         if status >= 400:
             self._metrics.api_errors.inc()
         elif request.route == "manifest":
@@ -253,7 +280,7 @@ class RegistryAPI(Resource):
         elif request.route == "blob":
             self._metrics.blob_pulls.inc()
 
-    def _source(self, request: Any, where: Upstream, source: str) -> None:
+    def _source(self, request: RegistryRequest, where: Upstream, source: str) -> None:
         """Note where a pull was served from, for the access log and metrics."""
         request.cache_status = source
         if source == "miss":
@@ -261,7 +288,7 @@ class RegistryAPI(Resource):
         else:
             self._metrics.cached_pulls.labels(where.registry).inc()
 
-    async def _respond(self, request: Any) -> None:
+    async def _respond(self, request: RegistryRequest) -> None:
         lookups_on_behalf_of(request.getClientAddress())
         request.setHeader(*_API_VERSION)
         segments = [s.decode("utf-8", "replace") for s in request.postpath]
@@ -287,7 +314,7 @@ class RegistryAPI(Resource):
         except OCIError as e:
             _send_error(request, e)
 
-    async def _manifest(self, request: Any, route: Route, where: Upstream) -> None:
+    async def _manifest(self, request: RegistryRequest, route: Route, where: Upstream) -> None:
         check_reference(route.reference)
         record, content, source = await self._cache.manifest(where, route.reference)
         self._source(request, where, source)
@@ -295,7 +322,7 @@ class RegistryAPI(Resource):
         request.setHeader(b"ETag", f'"{record.digest}"'.encode("ascii"))
         _send_bytes(request, content, record.media_type.encode("ascii"))
 
-    async def _blob(self, request: Any, route: Route, where: Upstream) -> None:
+    async def _blob(self, request: RegistryRequest, route: Route, where: Upstream) -> None:
         digest = check_digest(route.reference)
         request.setHeader(b"Docker-Content-Digest", digest.encode("ascii"))
         request.setHeader(b"ETag", f'"{digest}"'.encode("ascii"))
@@ -312,7 +339,7 @@ class RegistryAPI(Resource):
         size = source.size
         header = request.getHeader(b"range")
         wanted = parse_range(header.decode("latin-1"), size) if header and size is not None else None
-        if isinstance(wanted, OCIError):
+        if isinstance(wanted, RangeNotSatisfiable):
             source.close()
             raise wanted
         if wanted is None:
@@ -326,14 +353,14 @@ class RegistryAPI(Resource):
             request.setHeader(b"Content-Length", str(end - start).encode("ascii"))
         BlobSender(request, source, start, end, self._metrics).start()
 
-    async def _tags(self, request: Any, route: Route, where: Upstream) -> None:
+    async def _tags(self, request: RegistryRequest, route: Route, where: Upstream) -> None:
         query = {}
         for key in ("n", "last"):
             value = _first(request.args.get(key.encode("ascii")))
             if value:
                 query[key] = value
         if "n" in query and not query["n"].isdigit():
-            raise OCIError(400, "UNSUPPORTED", "pagination: n must be a non-negative integer")
+            raise InvalidParameter("pagination: n must be a non-negative integer")
         tags, more = await self._cache.tags(where, query)
         if more and tags:
             following = {"n": query["n"], "last": tags[-1]} if "n" in query else {"last": tags[-1]}
@@ -345,19 +372,19 @@ class RegistryAPI(Resource):
         body = json.dumps({"name": route.name, "tags": tags}).encode("utf-8")
         _send_bytes(request, body, b"application/json")
 
-    def _unexpected(self, failure: Failure, request: Any) -> None:
+    def _unexpected(self, failure: Failure, request: RegistryRequest) -> None:
         if failure.check(CancelledError):
             return
         log.failure("Unexpected error answering {path}", failure, path=request.uri)
         if not request.startedWriting and not request.finished:
-            _send_error(request, OCIError(500, "UNKNOWN", "internal error; see the server log"))
+            _send_error(request, Internal("internal error; see the server log"))
 
 
 def _first(values: list[bytes] | None) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def _send_bytes(request: Any, body: bytes, content_type: bytes) -> None:
+def _send_bytes(request: IRequest, body: bytes, content_type: bytes) -> None:
     request.setHeader(b"Content-Type", content_type)
     request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
     if request.method != b"HEAD":
@@ -365,13 +392,14 @@ def _send_bytes(request: Any, body: bytes, content_type: bytes) -> None:
     request.finish()
 
 
-def _send_error(request: Any, error: OCIError) -> None:
-    request.setResponseCode(error.status)
+def _send_error(request: IRequest, error: OCIError) -> None:
+    answer = answer_for(error)
+    request.setResponseCode(answer.status)
     for name in (b"Docker-Content-Digest", b"ETag", b"Accept-Ranges"):
         request.responseHeaders.removeHeader(name)
-    for name, value in error.headers.items():
+    for name, value in answer.headers.items():
         request.setHeader(name, value)
-    _send_bytes(request, error.body(), b"application/json")
+    _send_bytes(request, answer.body(), b"application/json")
 
 
 class _RefuseTLS(ProtocolWrapper):
@@ -424,7 +452,7 @@ class Health(Resource):
         super().__init__()
         self._check = check
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         problem = self._check()
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
@@ -439,8 +467,8 @@ class Health(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
-    def render(self, request: Any) -> bytes:
-        error = OCIError(404, "UNSUPPORTED", "not part of the registry API")
-        request.setResponseCode(404)
+    def render(self, request: IRequest) -> bytes:
+        answer = answer_for(NotFound("not part of the registry API"))
+        request.setResponseCode(answer.status)
         request.setHeader(b"Content-Type", b"application/json")
-        return error.body()
+        return answer.body()

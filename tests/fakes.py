@@ -236,9 +236,10 @@ class FakeRegistry(Resource):
         pending[:] = [self.clock.callLater(behaviour.delay, self._stream, request, content, end, behaviour, pending)]
 
 
-async def listen(resource: Resource) -> tuple[int, Any]:
-    """Serve a resource on 127.0.0.1 at a free port: (port, listening port to stop)."""
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+async def listen(resource: Resource | Site) -> tuple[int, Any]:
+    """Serve a resource (or a site as built) on 127.0.0.1 at a free port: (port, listening port to stop)."""
+    site = resource if isinstance(resource, Site) else Site(resource)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
     return port.getHost().port, port
 
 

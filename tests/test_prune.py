@@ -274,7 +274,7 @@ class ServingTests(TestCase):
         metrics = Metrics()
         self.cache, self.index, _ = open_cache(config, reactor, metrics)
         self.addCleanup(lambda: Deferred.fromCoroutine(self.cache.close()))
-        port, ours = await listen(make_site(self.cache, config, metrics)[0].resource)
+        port, ours = await listen(make_site(self.cache, config, metrics)[0])
         self.addCleanup(ours.stopListening)
         self.base = f"http://127.0.0.1:{port}"
         pool = HTTPConnectionPool(reactor)

@@ -47,7 +47,7 @@ class ServerTestCase(TestCase):
         self.cache, self.index, _ = open_cache(self.config, reactor, self.metrics)
         self.addCleanup(lambda: Deferred.fromCoroutine(self.close_cache()))
         site, self.api = make_site(self.cache, self.config, self.metrics)
-        port, ours = await listen(site.resource)
+        port, ours = await listen(site)
         self.addCleanup(ours.stopListening)
         self.base = f"http://127.0.0.1:{port}"
         pool = HTTPConnectionPool(reactor)
