@@ -370,7 +370,8 @@ class Transport:
             try:
                 request = chain.request(method.encode("ascii"), url.encode("ascii"), headers)
                 response: IResponse = await answer_within(request, self._response_timeout, self._clock)
-            except CancelledError:
+            except (CancelledError, OCIError):
+                # An OCIError is the allow-list's: no request went out, and asking again changes nothing.
                 raise
             except Exception as e:
                 error, retry = self._explain(e, what)
@@ -388,6 +389,10 @@ class Transport:
             self._pauses.add(pause)
             try:
                 await pause
+            except CancelledError:
+                if self._closed:
+                    raise OCIError(503, "UNAVAILABLE", f"{what} failed and the server is shutting down")
+                raise
             finally:
                 self._pauses.discard(pause)
         raise AssertionError("unreachable")
@@ -398,8 +403,6 @@ class Transport:
         Raises CancelledError when the request was cancelled, not failed.
         """
         reasons = _innermost(failure)
-        if isinstance(failure, OCIError):
-            return failure, failure.status in (502, 504)
         if any(isinstance(r, (CancelledError, neterror.ConnectingCancelledError)) for r in reasons):
             raise CancelledError()
         if isinstance(failure, AnswerTimeout):

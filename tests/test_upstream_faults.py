@@ -20,6 +20,7 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.internet.defer import TimeoutError
 from twisted.web.resource import Resource
@@ -28,6 +29,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 from ociregistry.allowlist import Allowlist
 from ociregistry.config import RegistrySettings
 from ociregistry.errors import OCIError
+from ociregistry.tap import Options
+from ociregistry.transport import parse_rate
 from ociregistry.upstream import Upstream
 from tests.fakes import Behaviour, digest_of, make_image
 from tests.realparts import free_port
@@ -193,6 +196,21 @@ class AnswerTimeoutTests(SynchronousTestCase):
         wire.step()
         self.assertEqual(len(wire.peers), 1)
 
+    def test_shutdown_during_backoff_is_an_answer(self) -> None:
+        """A request waiting to be retried when shutdown begins fails with a 503, not a cancellation."""
+        clock = MemoryReactorClock()
+        wire = Wire(clock, refusing)
+        upstream = make_upstream(clock)
+        d = Deferred.fromCoroutine(upstream.manifest_digest(REGISTRY, "app", "v1"))
+        for _ in range(5):
+            wire.step()
+            clock.advance(0.125)
+        self.assertEqual(len(wire.peers), 1)
+        upstream.stop_retrying()
+        failure = self.failureResultOf(d, OCIError)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("shutting down", failure.value.message)
+
     def test_refused_is_502_after_retries(self) -> None:
         """Refused connections are retried with backoff, then a 502 naming the upstream."""
         clock = MemoryReactorClock()
@@ -298,6 +316,27 @@ class BodyTests(SynchronousTestCase):
         """A minimum rate of 0 leaves only the idle timeout."""
         when, result = self.trickle(500, min_rate=0)
         self.assertEqual(result, b"x" * 100_000)
+
+
+class RateOptionTests(SynchronousTestCase):
+    """The minimum rate as users write it."""
+
+    def test_parse(self) -> None:
+        """SIZE/DURATION, a size alone (over 30 s), and 0 to turn it off."""
+        self.assertEqual(parse_rate("1KiB/30s"), (1024.0, 30.0))
+        self.assertEqual(parse_rate("10M/1m"), (10 * 1024 * 1024.0, 60.0))
+        self.assertEqual(parse_rate("512"), (512.0, 30.0))
+        self.assertEqual(parse_rate("0"), (0.0, 30.0))
+        for bad in ("fast", "1KiB/", "1KiB/0", "-1/30s"):
+            self.assertRaises(ValueError, parse_rate, bad)
+
+    def test_option(self) -> None:
+        """--min-rate reaches the configuration; its default is 1 KiB/s over 30 s."""
+        for given, expected in ((None, (1024.0, 30.0)), ("4KiB/10s", (4096.0, 10.0)), ("0", (0.0, 30.0))):
+            options = Options()
+            options.parseOptions(["--image-path", "/tmp/x"] + (["--min-rate", given] if given else []))
+            self.assertEqual((options.config.min_rate, options.config.rate_window), expected)
+        self.assertRaises(UsageError, Options().parseOptions, ["--image-path", "/tmp/x", "--min-rate", "slow"])
 
 
 class _Silent(Factory):
