@@ -209,16 +209,17 @@ class _BodyReader(Protocol):
         self._window = window
         self._source = source
         self._in_window = 0
-        self._timers: list[IDelayedCall] = []
+        self._idle_timer: IDelayedCall | None = None
+        self._rate_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self._timers.append(self._clock.callLater(self._idle, self._stalled))
+        self._idle_timer = self._clock.callLater(self._idle, self._stalled)
         if self._min_rate > 0:
-            self._timers.append(self._clock.callLater(self._window, self._check_rate))
+            self._rate_timer = self._clock.callLater(self._window, self._check_rate)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._timers and self._timers[0].active():
-            self._timers[0].reset(self._idle)
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._idle)
         self._in_window += len(data)
         try:
             self._sink(data)
@@ -226,8 +227,8 @@ class _BodyReader(Protocol):
             self._fail(Failure())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for timer in self._timers:
-            if timer.active():
+        for timer in (self._idle_timer, self._rate_timer):
+            if timer is not None and timer.active():
                 timer.cancel()
         if self.done.called:
             return
@@ -248,7 +249,7 @@ class _BodyReader(Protocol):
                 f"below the minimum rate of {self._min_rate:g} bytes/s",
             )))
         else:
-            self._timers[1] = self._clock.callLater(self._window, self._check_rate)
+            self._rate_timer = self._clock.callLater(self._window, self._check_rate)
 
     def _fail(self, failure: Failure) -> None:
         if not self.done.called:
@@ -360,6 +361,9 @@ class Transport:
 
         Only requests whose body nobody has read yet are retried.
         """
+        # Asked once before the attempts, so that a slow or failing lookup is neither retried nor
+        # charged to the answer timeout; each hop is asked again, from the allow-list's memory.
+        await self._allowlist.check(urlsplit(url).netloc, via=registry)
         chain = ContentDecoderAgent(
             RedirectAgent(_Allowed(agent, self._allowlist, via=registry), redirectLimit=_MAX_REDIRECTS),
             [(b"gzip", GzipDecoder)],
@@ -371,7 +375,7 @@ class Transport:
                 request = chain.request(method.encode("ascii"), url.encode("ascii"), headers)
                 response: IResponse = await answer_within(request, self._response_timeout, self._clock)
             except (CancelledError, OCIError):
-                # An OCIError is the allow-list's: no request went out, and asking again changes nothing.
+                # An OCIError is the allow-list's, refusing a redirect: asking again changes nothing.
                 raise
             except Exception as e:
                 error, retry = self._explain(e, what)

@@ -445,6 +445,15 @@ class AnswerTests(ServerTestCase):
         self.assertIn("below the minimum rate", error["message"])
         self.assertLess(took, 1.5)
 
+    async def test_manifest_silent_mid_body_is_504(self) -> None:
+        """A manifest whose body stops half-way is a 504 JSON error once the idle timeout passes."""
+        name = await self.listen(Site(_Trickle(1000, stop=100)))
+        await self.start_with(name, pull_timeout=5, idle_timeout=0.5)
+        took, outcome = await timed(self, self.get(f"/v2/app/manifests/v1?ns={name}"), 10)
+        error = self.assert_json(outcome, 504)
+        self.assertIn("stalled for 0.5 s", error["message"])
+        self.assertLess(took, 1.5)
+
     async def test_trickled_blob_is_cut_off(self) -> None:
         """A blob trickled below the minimum rate is abandoned: the client's body is cut off, nothing is cached."""
         await self.start(pull_timeout=5, min_rate=1024, rate_window=0.5)
@@ -462,24 +471,27 @@ class AnswerTests(ServerTestCase):
 
 
 class _Trickle(Resource):
-    """Answers every request with a body of ``size`` bytes, ten bytes every 50 ms."""
+    """Answers every request with a body of ``size`` bytes, ten bytes every 50 ms; silent after ``stop``."""
 
     isLeaf = True
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stop: int | None = None) -> None:
         super().__init__()
         self.size = size
+        self.stop = size if stop is None else stop
 
     def render(self, request: Any) -> Any:
         request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
         request.setHeader(b"Content-Length", str(self.size).encode())
         if request.method == b"HEAD":
             return b""
-        self._more(request, self.size)
+        pending: list[Any] = []
+        request.notifyFinish().addErrback(lambda _: [call.cancel() for call in pending if call.active()])
+        self._more(request, 0, pending)
         return NOT_DONE_YET
 
-    def _more(self, request: Any, left: int) -> None:
-        if request._disconnected or left <= 0:
+    def _more(self, request: Any, sent: int, pending: list[Any]) -> None:
+        if request._disconnected or sent >= self.stop:
             return
-        request.write(b" " * min(10, left))
-        reactor.callLater(0.05, self._more, request, left - 10)
+        request.write(b" " * min(10, self.stop - sent))
+        pending[:] = [reactor.callLater(0.05, self._more, request, sent + 10, pending)]
