@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
@@ -101,7 +101,10 @@ class AuthenticatorTests(SynchronousTestCase):
     def authenticator(self, settings: RegistrySettings, expires_in: int = 120) -> tuple[Clock, _Realm, Authenticator]:
         clock = Clock()
         realm = _Realm(clock, expires_in)
-        lookup = lambda registry: settings  # noqa: E731
+
+        def lookup(registry: str) -> RegistrySettings:
+            return settings
+
         auth = Authenticator(clock, realm, Credentials(clock, lookup), lookup)  # type: ignore[arg-type]
         return clock, realm, auth
 
@@ -125,7 +128,7 @@ class AuthenticatorTests(SynchronousTestCase):
     def test_no_credentials_to_plain_http_realm(self) -> None:
         """An HTTPS registry's credentials never go to a plain-HTTP realm: the fetch fails, saying why."""
         settings = RegistrySettings(name=REGISTRY, user="u", password="p")
-        clock, realm, auth = self.authenticator(settings)
+        _, realm, auth = self.authenticator(settings)
         failure = self.failureResultOf(Deferred.fromCoroutine(
             auth.answer(REGISTRY, "repository:app:pull", 'Bearer realm="http://auth.test/token"')), OCIError)
         self.assertIn("plain HTTP", failure.value.message)
@@ -133,7 +136,7 @@ class AuthenticatorTests(SynchronousTestCase):
 
     def test_anonymous_plain_http_realm(self) -> None:
         """Without credentials there is nothing to protect: a plain-HTTP realm gives an anonymous token."""
-        clock, realm, auth = self.authenticator(RegistrySettings(name=REGISTRY))
+        _, realm, auth = self.authenticator(RegistrySettings(name=REGISTRY))
         self.successResultOf(Deferred.fromCoroutine(
             auth.answer(REGISTRY, "repository:app:pull", 'Bearer realm="http://auth.test/token"')))
         self.assertEqual(realm.fetches[0][2], None)
@@ -141,7 +144,7 @@ class AuthenticatorTests(SynchronousTestCase):
     def test_plain_http_registry_keeps_its_realm(self) -> None:
         """A registry configured as plain HTTP sends its credentials in clear anyway: its realm may be HTTP."""
         settings = RegistrySettings(name=REGISTRY, scheme="http", user="u", password="p")
-        clock, realm, auth = self.authenticator(settings)
+        _, realm, auth = self.authenticator(settings)
         self.successResultOf(Deferred.fromCoroutine(
             auth.answer(REGISTRY, "repository:app:pull", 'Bearer realm="http://auth.test/token"')))
         authorization = realm.fetches[0][2]

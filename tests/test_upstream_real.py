@@ -128,15 +128,15 @@ class TokenRealmTrustTests(WorkspaceTestCase):
         await push(image, registry, "team/app", "v1", creds=("bob", "hunter2"),
                    cert_dir=self.cas["registry"].cert_dir(self.path("certs")))
         before = len(issuer.requests)
-        took, status, body = await timed_get(server, f"/v2/{registry.host}/team/app/manifests/v1", 30,
-                                             Accept=MANIFEST_ACCEPT)
+        _, status, body = await timed_get(server, f"/v2/{registry.host}/team/app/manifests/v1", 30,
+                                          Accept=MANIFEST_ACCEPT)
         self.assertEqual(status, 200, body)
         manifest = json.loads(body)["manifests"][0]
-        took, status, body = await timed_get(server, f"/v2/{registry.host}/team/app/manifests/{manifest['digest']}",
-                                             30, Accept=OCI_MANIFEST)
+        _, status, body = await timed_get(server, f"/v2/{registry.host}/team/app/manifests/{manifest['digest']}",
+                                          30, Accept=OCI_MANIFEST)
         self.assertEqual(status, 200, body)
         for layer in json.loads(body)["layers"]:
-            took, status, content = await timed_get(server, f"/v2/{registry.host}/team/app/blobs/{layer['digest']}", 30)
+            _, status, content = await timed_get(server, f"/v2/{registry.host}/team/app/blobs/{layer['digest']}", 30)
             self.assertEqual((status, len(content)), (200, layer["size"]))
         ours = issuer.requests[before:]
         self.assertTrue(ours)
