@@ -18,7 +18,9 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -32,8 +34,8 @@ from ociregistry.errors import OCIError
 from ociregistry.tap import Options
 from ociregistry.transport import parse_rate
 from ociregistry.upstream import Upstream
-from tests.fakes import Behaviour, digest_of, make_image
-from tests.realparts import free_port
+from tests.fakes import Behaviour, FakeRegistry, digest_of, make_image
+from tests.realparts import free_port, make_ca
 from tests.test_pull import ServerTestCase
 
 REGISTRY = "127.0.0.1:5000"
@@ -436,6 +438,19 @@ class AnswerTests(ServerTestCase):
             error = self.assert_json(outcome, 502)
             self.assertIn(name, error["message"])
             self.assertLess(took, 1.5 + 1.5)
+
+    async def test_untrusted_certificate_says_tls(self) -> None:
+        """An upstream whose certificate is not trusted is a 502 saying TLS failed, at once: retrying cannot help."""
+        ca = make_ca(self.mktemp(), "unknown")
+        cert, key = ca.issue_server("127.0.0.1")
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            options = PrivateCertificate.loadPEM(c.read() + b"\n" + k.read()).options()
+        name = await self.listen(TLSMemoryBIOFactory(options, False, Site(FakeRegistry())))
+        await self.start(registries=(RegistrySettings(name=name),))
+        took, outcome = await timed(self, self.get(f"/v2/app/manifests/v1?ns={name}"), 10)
+        error = self.assert_json(outcome, 502)
+        self.assertEqual(error["message"], f"TLS to upstream {name} failed: certificate verify failed")
+        self.assertLess(took, 0.5)
 
     async def test_trickled_manifest_is_504(self) -> None:
         """A manifest trickled below the minimum rate is a 504 JSON error, not a wait for ever."""
