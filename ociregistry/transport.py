@@ -4,7 +4,8 @@ The HTTP client is composed of Twisted agents, one job each: the allow-list
 is asked before every hop, Twisted's ``RedirectAgent`` follows redirects (and
 drops ``Authorization``, cookies and the like whenever a hop changes scheme,
 host or port: an HTTPS request redirected to plain HTTP on the same host and
-port never carries credentials), and gzip is decoded.  Around the chain runs
+port never carries credentials; the redirect's own body is dropped, never
+buffered), and gzip is decoded.  Around the chain runs
 an answer deadline of our own, so an upstream that does not answer fails with
 ``AnswerTimeout`` and never looks like a cancellation: ``CancelledError``
 means a client went away or the server is shutting down, and nothing else.
@@ -196,6 +197,28 @@ class _Allowed:
         return Deferred.fromCoroutine(send())
 
 
+class _Dropped(Protocol):
+    """Drops a body as it arrives; past ``limit`` bytes, the connection is not worth keeping."""
+
+    def __init__(self, limit: int) -> None:
+        self._left = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0 and self.transport is not None:
+            self.transport.stopProducing()
+
+
+class _Redirects(RedirectAgent):
+    """Twisted's redirect policy, with each redirect's own body dropped rather than held in memory."""
+
+    def _handleRedirect(self, response: IResponse, method: bytes, uri: bytes, headers: Headers | None,
+                        redirectCount: int) -> "Deferred[IResponse]":
+        response.deliverBody(_Dropped(_DISCARD_LIMIT))
+        followed: Deferred[IResponse] = super()._handleRedirect(response, method, uri, headers, redirectCount)
+        return followed
+
+
 class _BodyReader(Protocol):
     """Delivers a response body to a sink; aborts when the upstream stalls, trickles, or on cancel."""
 
@@ -365,7 +388,7 @@ class Transport:
         # charged to the answer timeout; each hop is asked again, from the allow-list's memory.
         await self._allowlist.check(urlsplit(url).netloc, via=registry)
         chain = ContentDecoderAgent(
-            RedirectAgent(_Allowed(agent, self._allowlist, via=registry), redirectLimit=_MAX_REDIRECTS),
+            _Redirects(_Allowed(agent, self._allowlist, via=registry), redirectLimit=_MAX_REDIRECTS),
             [(b"gzip", GzipDecoder)],
         )
         for attempt in range(self._retries + 1):

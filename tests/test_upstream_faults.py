@@ -242,6 +242,35 @@ def answering(head: bytes, body: bytes = b"") -> Callable[[Any], Peer]:
     return upstream
 
 
+class RedirectTests(SynchronousTestCase):
+    """Redirects are followed without holding their own bodies in memory."""
+
+    def test_redirect_body_dropped(self) -> None:
+        """A redirect answer with an endless body is followed at once; its body is dropped and its connection cut."""
+        clock = MemoryReactorClock()
+        head = (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:5000/storage/blob\r\n"
+                b"Content-Length: 100000000\r\n\r\n")
+        answers = iter([head, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nblob!"])
+
+        def upstream(peer: Peer) -> Peer:
+            peer.accept()
+            peer.send(next(answers))
+            return peer
+
+        wire = Wire(clock, upstream)
+        redirected = wire.peers
+
+        def flood(now: float) -> None:
+            if redirected and redirected[0] is not None and redirected[0].transport.producerState != "stopped":
+                redirected[0].send(b"x" * 100_000)
+
+        when, result = wire.run(make_upstream(clock).open_blob(REGISTRY, "app", DIGEST), during=flood)
+        self.assertEqual(result.code, 200)
+        self.assertEqual(len(wire.peers), 2)
+        self.assertEqual(wire.peers[0].transport.producerState, "stopped")
+        self.assertTrue(wire.peers[1].transport.value().startswith(b"GET /storage/blob "))
+
+
 class BodyTests(SynchronousTestCase):
     """After the headers: the idle timeout and the minimum rate."""
 
