@@ -50,6 +50,7 @@ from ociregistry.load import host_platform, make_preload_service
 from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.store import BlobStore, CacheUnusable
 from ociregistry.threads import WorkerThreads
+from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_MIN_RATE_TEXT, DEFAULT_RATE_WINDOW, parse_rate
 from ociregistry.upstream import Upstream, api_host
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
@@ -79,6 +80,8 @@ class ServerConfig:
     max_manifest_size: int
     connect_timeout: float = 30.0
     idle_timeout: float = 60.0
+    min_rate: float = DEFAULT_MIN_RATE
+    rate_window: float = DEFAULT_RATE_WINDOW
     tag_ttl: float = 300.0
     always_pull_latest: bool = False
     air_gapped: bool = False
@@ -141,6 +144,8 @@ class Options(usage.Options):
         ["pull-timeout", None, None, "Seconds to wait for an upstream's answer [default: 60]."],
         ["connect-timeout", None, None, "Seconds to wait for a connection to an upstream [default: 30]."],
         ["idle-timeout", None, None, "Seconds an upstream body may stall before it is abandoned [default: 60]."],
+        ["min-rate", None, None, "Slowest upstream body kept, as SIZE/DURATION: a download averaging less "
+         f"over a window is abandoned; 0 turns it off [default: {DEFAULT_MIN_RATE_TEXT}]."],
         ["tag-ttl", None, None, "How long a cached tag is served before one upstream HEAD rechecks it: "
          "a duration (300s, 5m), 0 to always check, or 'never' [default: 5m]."],
         ["max-manifest-size", None, None, "Largest manifest accepted from upstream [default: 8MiB]."],
@@ -302,6 +307,10 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         raise usage.UsageError(f"--max-manifest-size: {e}")
     if max_manifest_size < 4 * 1024 * 1024:
         raise usage.UsageError("--max-manifest-size: must be at least 4MiB")
+    try:
+        min_rate, rate_window = parse_rate(options["min-rate"] or DEFAULT_MIN_RATE_TEXT)
+    except ValueError as e:
+        raise usage.UsageError(f"--min-rate: {e}")
     admin_listen = options["admin-listen"] or DEFAULT_LISTEN
     if admin_listen != "none":
         try:
@@ -350,6 +359,8 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         pull_timeout=_seconds("pull-timeout", _choose(options["pull-timeout"], settings.pull_timeout, 60.0)),
         connect_timeout=_seconds("connect-timeout", options["connect-timeout"] or 30.0),
         idle_timeout=_seconds("idle-timeout", options["idle-timeout"] or 60.0),
+        min_rate=min_rate,
+        rate_window=rate_window,
         tag_ttl=_seconds("tag-ttl", _choose(options["tag-ttl"], settings.manifest_ttl, 300.0), allow_never=True),
         max_manifest_size=max_manifest_size,
         always_pull_latest=bool(options["always-pull-latest"] or settings.always_pull_latest),
@@ -501,6 +512,8 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
         connect_timeout=config.connect_timeout,
         response_timeout=config.pull_timeout,
         idle_timeout=config.idle_timeout,
+        min_rate=config.min_rate,
+        rate_window=config.rate_window,
         max_manifest_size=config.max_manifest_size,
         metrics=metrics,
         name_resolver=lookups,
