@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import tempfile
 from typing import Any
@@ -26,32 +27,39 @@ KUBERNETES_VERSIONS = ("1.30.0", None)
 CUSTOM_KINDS = {"ServiceMonitor"}
 
 
+def helm(home: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """helm with its cache, configuration and data under `home`."""
+    if not os.access(HELM, os.X_OK):
+        raise RuntimeError(f"{HELM} is missing: scripts/test installs it (scripts/helm)")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
+           "HELM_CACHE_HOME": os.path.join(home, "cache"),
+           "HELM_CONFIG_HOME": os.path.join(home, "config"),
+           "HELM_DATA_HOME": os.path.join(home, "data")}
+    return subprocess.run([HELM, *args], env=env, text=True, capture_output=True, timeout=60)
+
+
+def render_chart(home: str, *args: str) -> list[dict[str, Any]]:
+    """The objects `helm template` renders from the chart with these arguments."""
+    result = helm(home, "template", "cache", CHART, "--namespace", "mirror", *args)
+    if result.returncode != 0:
+        raise RuntimeError(f"helm template {' '.join(args)}: {result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 class ChartTestCase(SynchronousTestCase):
     """Runs helm with a private home, and reads what it renders."""
 
     def setUp(self) -> None:
-        if not os.access(HELM, os.X_OK):
-            self.fail(f"{HELM} is missing: scripts/test installs it (scripts/helm)")
         self.home = tempfile.mkdtemp(prefix="helm-home-")
-        self.addCleanup(subprocess.run, ["rm", "-rf", self.home], check=False)
+        self.addCleanup(shutil.rmtree, self.home, ignore_errors=True)
 
     def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """helm with its cache, configuration and data in the test's own directory."""
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home,
-               "HELM_CACHE_HOME": os.path.join(self.home, "cache"),
-               "HELM_CONFIG_HOME": os.path.join(self.home, "config"),
-               "HELM_DATA_HOME": os.path.join(self.home, "data")}
-        return subprocess.run([HELM, *args], env=env, text=True, capture_output=True, timeout=60)
-
-    def template_text(self, *args: str) -> str:
-        """The manifests `helm template` renders with these arguments."""
-        result = self.helm("template", "cache", CHART, "--namespace", "mirror", *args)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        return result.stdout
+        """helm with a private home."""
+        return helm(self.home, *args)
 
     def render(self, *args: str) -> list[dict[str, Any]]:
         """The rendered objects."""
-        return [doc for doc in yaml.safe_load_all(self.template_text(*args)) if doc]
+        return render_chart(self.home, *args)
 
     def values_file(self, values: dict[str, Any]) -> str:
         """A values file holding `values`."""

@@ -37,6 +37,8 @@ from tests.realparts import (
     sleep,
     start_registry,
 )
+from tests.test_chart import render_chart
+from tests.test_clients import Containerd
 
 UID = 10001
 IMAGE_PATH = "/var/lib/ociregistry"
@@ -123,15 +125,16 @@ async def built_image() -> BuiltImage:
 
 @dataclass
 class Container:
-    """One running server container, listening on `host` (the host's network)."""
+    """One running server container, answering at `url`."""
 
     name: str
-    host: str
+    url: str
     podman: Podman
 
     @property
-    def url(self) -> str:
-        return f"http://{self.host}"
+    def host(self) -> str:
+        """host:port of `url`, as image references name it."""
+        return self.url.split("://", 1)[1]
 
     async def logs(self) -> str:
         """Everything the server wrote."""
@@ -154,33 +157,43 @@ class ImageTests(WorkspaceTestCase):
         os.chown(directory, UID, UID)
         return directory
 
-    async def run_server(self, image: BuiltImage, address: str, registry: Registry,
-                         volume: str) -> Container:
-        """Start the image with the server's options as its arguments, as the README says."""
-        config = self.config([{"name": registry.host, "scheme": "http"}])
-        port = free_port(address)
+    async def run_container(self, image: BuiltImage, url: str, network: list[str],
+                            config: str, volume: str, *args: str) -> Container:
+        """Start the image as the chart runs it (read-only root, no capabilities, a config
+        file mounted), with `args` as the server's options, and wait until `url` answers."""
         name = f"ociregistry-test-{uuid.uuid4().hex[:12]}"
-        container = Container(name, f"{address}:{port}", image.podman)
         self.addCleanup(lambda: Deferred.fromCoroutine(
             image.podman("rm", "--force", "--time", "0", name)))
         await image.podman(
-            "run", "--detach", "--name", name, "--network", "host",
+            "run", "--detach", "--name", name, *network,
             "--ulimit", "nofile={0}:{0}".format(_limit(resource.RLIMIT_NOFILE, 65536)),
             "--ulimit", "nproc={0}:{0}".format(_limit(resource.RLIMIT_NPROC, 32768)),
+            "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp",
+            "--cap-drop", "all", "--security-opt", "no-new-privileges",
             "--volume", f"{volume}:{IMAGE_PATH}",
             "--volume", f"{config}:/etc/ociregistry/config.yaml:ro",
-            image.name, "--port", str(port), "--host", address,
-            "--config-file", "/etc/ociregistry/config.yaml")
+            image.name, *args)
+        container = Container(name, url, image.podman)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                await http_request("GET", container.url + "/v2/")
+                await http_request("GET", url + "/v2/")
                 return container
             except (ConnectError, TimeoutError, ResponseFailed):
                 pass
             if (await container.state())["Status"] != "running" or time.monotonic() > deadline:
                 self.fail(f"the container did not start serving:\n{await container.logs()}")
             await sleep(0.1)
+
+    async def run_server(self, image: BuiltImage, address: str, registry: Registry,
+                         volume: str) -> Container:
+        """The image on the host's network, its arguments the server's options as the README
+        gives them, configured for `registry`."""
+        config = self.config([{"name": registry.host, "scheme": "http"}])
+        port = free_port(address)
+        return await self.run_container(
+            image, f"http://{address}:{port}", ["--network", "host"], config, volume,
+            "--port", str(port), "--host", address, "--config-file", "/etc/ociregistry/config.yaml")
 
     async def test_image_configuration(self) -> None:
         """The image runs twistd's plugin as a numeric non-root user, exposes 8080, keeps the
@@ -202,7 +215,8 @@ class ImageTests(WorkspaceTestCase):
 
     async def test_pull_through_then_sigterm(self) -> None:
         """As uid 10001 with the cache on a volume, /v2/ answers, an image from a real
-        registry pulls through with its digests, and SIGTERM ends the server with status 0."""
+        registry pulls through with its digests (skopeo, and containerd set up by
+        deploy/containerd-hosts), and SIGTERM ends the server with status 0."""
         image = await built_image()
         registry = await start_registry(self.path("registry"), test=self, address="127.0.17.1", port=80)
         pushed = build_oci_index(self.path("oci"))
@@ -215,6 +229,14 @@ class ImageTests(WorkspaceTestCase):
                                        self.path("pulled"))
         self.assertEqual((pulled.digest, pulled.manifests, pulled.blobs),
                          (pushed.digest, pushed.manifests, pushed.blobs))
+        hosts = self.path("certs.d")
+        subprocess.run([os.path.join(PROJECT_ROOT, "deploy", "containerd-hosts"), "--mirror",
+                        container.url, "--dir", hosts], check=True, capture_output=True)
+        containerd = Containerd(self.path("containerd"))
+        self.addCleanup(containerd.stop)
+        await containerd.start()
+        await containerd.pull(f"{registry.host}/team/app:v1", hosts)
+        self.assertEqual(await containerd.image_digest(f"{registry.host}/team/app:v1"), pushed.digest)
         self.assertEqual(os.stat(os.path.join(volume, "index.db")).st_uid, UID)
         self.assertIn(f"as uid:gid {UID}:{UID}", await container.logs())
         await image.podman("stop", "--time", "30", container.name)
@@ -239,3 +261,30 @@ class ImageTests(WorkspaceTestCase):
         ids = await image.podman("image", "inspect", "--format", "{{.Id}}", image.name, reference)
         loaded_id, pulled_id = ids.split()
         self.assertEqual(pulled_id, loaded_id)
+
+    async def test_runs_as_the_chart_runs_it(self) -> None:
+        """The chart's container (its arguments, configuration, user and security context)
+        serves /health, the probes' path, and /v2/ on the port the chart declares."""
+        image = await built_image()
+        objects = render_chart(self.path("helm"), "--set", "persistence.enabled=false")
+        config_map = next(o for o in objects if o["kind"] == "ConfigMap")
+        pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+        (spec,) = pod["containers"]
+        self.assertEqual(spec["securityContext"]["capabilities"], {"drop": ["ALL"]})
+        self.assertTrue(spec["securityContext"]["readOnlyRootFilesystem"])
+        self.assertEqual({m["mountPath"] for m in spec["volumeMounts"]},
+                         {IMAGE_PATH, "/etc/ociregistry/config.yaml", "/tmp"})
+        config = self.path("chart-config.yaml")
+        with open(config, "w") as f:
+            f.write(config_map["data"]["config.yaml"])
+        (port,) = [p["containerPort"] for p in spec["ports"] if p["name"] == "http"]
+        published = free_port("127.0.17.5")
+        user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+        container = await self.run_container(
+            image, f"http://127.0.17.5:{published}",
+            ["--publish", f"127.0.17.5:{published}:{port}", "--user", user],
+            config, self.cache_volume(), *spec["args"])
+        response, body = await http_request("GET", container.url + spec["livenessProbe"]["httpGet"]["path"])
+        self.assertEqual((response.code, json.loads(body)), (200, {"status": "ok"}))
+        await image.podman("stop", "--time", "30", container.name)
+        self.assertEqual((await container.state())["ExitCode"], 0, await container.logs())
