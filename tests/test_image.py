@@ -266,7 +266,10 @@ class ImageTests(WorkspaceTestCase):
         """The chart's container (its arguments, configuration, user and security context)
         serves /health, the probes' path, and /v2/ on the port the chart declares."""
         image = await built_image()
-        objects = render_chart(self.path("helm"), "--set", "persistence.enabled=false")
+        # The host's network, as the other tests here use: the chart's port moves to a free one.
+        port = free_port("127.0.17.5")
+        objects = render_chart(self.path("helm"), "--set", "persistence.enabled=false",
+                               "--set", f"config.port={port}", "--set", "config.host=127.0.17.5")
         config_map = next(o for o in objects if o["kind"] == "ConfigMap")
         pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]
         (spec,) = pod["containers"]
@@ -277,14 +280,25 @@ class ImageTests(WorkspaceTestCase):
         config = self.path("chart-config.yaml")
         with open(config, "w") as f:
             f.write(config_map["data"]["config.yaml"])
-        (port,) = [p["containerPort"] for p in spec["ports"] if p["name"] == "http"]
-        published = free_port("127.0.17.5")
+        self.assertEqual([p["containerPort"] for p in spec["ports"] if p["name"] == "http"], [port])
         user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
         container = await self.run_container(
-            image, f"http://127.0.17.5:{published}",
-            ["--publish", f"127.0.17.5:{published}:{port}", "--user", user],
+            image, f"http://127.0.17.5:{port}", ["--network", "host", "--user", user],
             config, self.cache_volume(), *spec["args"])
         response, body = await http_request("GET", container.url + spec["livenessProbe"]["httpGet"]["path"])
         self.assertEqual((response.code, json.loads(body)), (200, {"status": "ok"}))
         await image.podman("stop", "--time", "30", container.name)
         self.assertEqual((await container.state())["ExitCode"], 0, await container.logs())
+
+    async def test_containerd_imports_the_archive(self) -> None:
+        """containerd imports the archive as a node would (ctr images import) under the name
+        the chart's default values give the pod."""
+        image = await built_image()
+        containerd = Containerd(self.path("containerd"))
+        self.addCleanup(containerd.stop)
+        await containerd.start()
+        await containerd.ctr("images", "import", "--snapshotter", "native", image.archive)
+        (spec,) = next(o for o in render_chart(self.path("helm"))
+                       if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"]
+        self.assertEqual((await containerd.ctr("images", "ls", "-q")).split(), [spec["image"]])
+        self.assertEqual(spec["image"], image.name)
