@@ -1,6 +1,6 @@
-"""The server image from scripts/image, run with podman: it pulls through itself from a real
-registry as a non-root user with its cache on a volume, stops cleanly on SIGTERM, and serves
-its own image once that is pushed to a registry."""
+"""The server image from scripts/image, run with podman: as a non-root user with its cache on
+a volume it pulls images through from a real registry, stops cleanly on SIGTERM, serves its
+own image once that is pushed to a registry, and runs as the Helm chart runs it."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class Podman:
                       "--storage-driver", "overlay", "--runtime", "runc",
                       "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
 
-    async def __call__(self, *args: str, timeout: float = 120.0) -> str:
+    async def __call__(self, *args: str) -> str:
         """Run one podman command: its standard output, or PodmanError."""
         out, err, code = await getProcessOutputAndValue(
             shutil.which("podman") or "podman", [*self.flags, *args], env=dict(os.environ),
@@ -92,7 +92,6 @@ class BuiltImage:
     archive: str
     name: str
     podman: Podman
-    build_seconds: float
 
 
 _built: BuiltImage | None = None
@@ -109,17 +108,15 @@ async def built_image() -> BuiltImage:
         podman = Podman(work)
         atexit.register(podman.remove_everything)
         archive = os.path.join(work, "ociregistry.tar")
-        started = time.monotonic()
-        out, err, code = await getProcessOutputAndValue(
+        _, err, code = await getProcessOutputAndValue(
             os.path.join(PROJECT_ROOT, "scripts", "image"), ["--output", archive],
             env=dict(os.environ), path=PROJECT_ROOT)
         if code != 0:
             _build_error = f"scripts/image exited {code}:\n{err.decode(errors='replace')}"
             raise RuntimeError(_build_error)
-        seconds = time.monotonic() - started
         loaded = await podman("load", "--quiet", "--input", archive)
         name = loaded.strip().rsplit(" ", 1)[-1]
-        _built = BuiltImage(archive, name, podman, seconds)
+        _built = BuiltImage(archive, name, podman)
     return _built
 
 
