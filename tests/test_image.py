@@ -23,7 +23,6 @@ from twisted.web.client import ResponseFailed
 import ociregistry
 from tests.realparts import (
     PROJECT_ROOT,
-    START_TIMEOUT,
     Registry,
     WorkspaceTestCase,
     build_oci_index,
@@ -44,6 +43,8 @@ UID = 10001
 IMAGE_PATH = "/var/lib/ociregistry"
 # Building takes a minute or two (debootstrap included); the first test pays for it.
 BUILD_TIMEOUT = 900
+# A container starts in about 2 s here; a busy machine gets more room.
+CONTAINER_START_TIMEOUT = 60.0
 
 
 class PodmanError(Exception):
@@ -171,7 +172,7 @@ class ImageTests(WorkspaceTestCase):
             "--volume", f"{config}:/etc/ociregistry/config.yaml:ro",
             image.name, *args)
         container = Container(name, url, image.podman)
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + CONTAINER_START_TIMEOUT
         while True:
             try:
                 await http_request("GET", url + "/v2/")
