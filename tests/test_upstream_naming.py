@@ -24,7 +24,7 @@ from ociregistry.config import ConfigError, RegistrySettings, TLSSettings, load_
 from ociregistry.credentials import credentials_from_environment
 from ociregistry.tap import Options
 from tests.fakes import FakeRegistry, TokenRealm, listen, make_image
-from tests.realparts import make_ca
+from tests.realparts import PROJECT_ROOT, make_ca
 from tests.test_pull import ServerTestCase
 
 SECRET = "s3cret-Qw8"
@@ -142,6 +142,19 @@ class ConfigTests(SynchronousTestCase):
             spelled = {key, re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()}
             self.assertTrue(any(f"{k}:" in text for k in spelled), key)
         self.assertIn("UPSTREAM_CREDENTIALS", text)
+
+    def test_readme_example(self) -> None:
+        """The README's Harbor and Artifactory example loads and means what the README says."""
+        with open(os.path.join(PROJECT_ROOT, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        section = readme[readme.index("### A registry that lives somewhere else"):]
+        example = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml"))]
+        hub, quay = self.load(example, {"HARBOR_PASSWORD": SECRET})
+        self.assertEqual((hub.name, hub.scheme, hub.api_host, hub.upstream_repository("library/nginx"),
+                          hub.user_agent, hub.user, hub.password),
+                         ("docker.io", "https", "harbor.corp", "dockerhub-proxy/library/nginx", "corp-mirror/1.0",
+                          "robot$puller", SECRET))
+        self.assertEqual((quay.api_host, quay.prefix), ("artifactory.corp", "artifactory/api/docker/quay-remote"))
 
     def test_print_config_masks_secrets(self) -> None:
         """--print-config shows the upstream and User-Agent, and no password from any source."""
