@@ -159,7 +159,7 @@ class Authenticator:
             query["service"] = challenge.params["service"]
         url = realm + ("&" if parsed.query else "?") + urlencode(query)
         settings = self._settings(registry)
-        headers = Headers({b"User-Agent": [settings.user_agent]})
+        headers = Headers({b"User-Agent": [settings.user_agent.encode("ascii")]})
         login = await self._credentials.login(registry)
         if login is not None:
             if parsed.scheme == "http" and settings.scheme == "https":

@@ -608,7 +608,7 @@ class _Reader:
         if value is None or entry is None:
             return None, None, ""
         expected = "expected [https://]host[:port][/path], such as https://harbor.corp/dockerhub-proxy"
-        scheme = None
+        scheme: str | None = None
         rest = value
         if "://" in value:
             scheme, _, rest = value.partition("://")
@@ -649,7 +649,7 @@ class _Reader:
         if entry is None and not flat:
             return _Auth()
         items = self.mapping(entry, _AUTH_KEYS) if entry is not None else flat
-        where = entry or registry
+        where = entry if entry is not None else registry
         user = self.text(items.get("user"))
         password = self.text(items.get("password"))
         from_env = items.get("passwordFromEnv")

@@ -86,7 +86,7 @@ def _credential_map(environ: Mapping[str, str], variable: str, user_key: str,
         # json's messages give a position, never the text.
         raise ConfigError(source, "", f"invalid JSON ({e})") from None
     needs = f"needs '{user_key}' and 'password'" + (", or 'token'" if tokens else "")
-    found = {}
+    found: dict[str, dict[str, Any]] = {}
     for name, entry in document.items():
         try:
             host = canonical_registry(name)

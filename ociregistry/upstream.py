@@ -162,7 +162,7 @@ class Upstream:
         scope = f"repository:{name}:pull"
         url = f"{settings.scheme}://{settings.api_host}/v2/{name}/{path}"
         for attempt in (1, 2):
-            headers = Headers({b"User-Agent": [settings.user_agent]})
+            headers = Headers({b"User-Agent": [settings.user_agent.encode("ascii")]})
             if accept:
                 headers.setRawHeaders(b"Accept", [accept])
             authorization = await self._auth.authorization(registry, scope)

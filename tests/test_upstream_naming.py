@@ -242,7 +242,8 @@ class AliasTests(ServerTestCase):
         return fake
 
     async def pull(self) -> None:
-        for path in ["/v2/library/app/manifests/v1", f"/v2/library/app/manifests/{IMAGE.digest}",
+        for path in ["/v2/library/app/tags/list", "/v2/library/app/manifests/v1",
+                     f"/v2/library/app/manifests/{IMAGE.digest}",
                      *(f"/v2/library/app/blobs/{digest}" for digest in IMAGE.blobs)]:
             response, _ = await self.get(path + "?ns=docker.io")
             self.assertEqual(response.code, 200, path)
