@@ -363,8 +363,13 @@ class Transport:
             await pool.closeCachedConnections()
 
     async def send(self, registry: str, method: str, url: str, headers: Headers) -> IResponse:
-        """A request to a registry: redirects followed, failures retried, errors naming the registry."""
-        return await self._send(registry, f"upstream {registry}", self._by_host, method, url, headers)
+        """A request to a registry: redirects followed, failures retried, errors naming the registry.
+
+        Errors name the host too when the registry is served from another (Docker Hub's API host, an ``upstream``).
+        """
+        host = urlsplit(url).netloc
+        what = f"upstream {registry}" if host == registry else f"upstream {registry} (at {host})"
+        return await self._send(registry, what, self._by_host, method, url, headers)
 
     async def send_to_realm(self, registry: str, tls: TLSSettings, url: str, headers: Headers) -> IResponse:
         """A GET from the token realm a registry named, trusted per that registry's TLS settings."""

@@ -24,7 +24,7 @@ from ociregistry.config import ConfigError, RegistrySettings, TLSSettings, load_
 from ociregistry.credentials import credentials_from_environment
 from ociregistry.tap import Options
 from tests.fakes import FakeRegistry, TokenRealm, listen, make_image
-from tests.realparts import PROJECT_ROOT, make_ca
+from tests.realparts import PROJECT_ROOT, free_port, make_ca
 from tests.test_pull import ServerTestCase
 
 SECRET = "s3cret-Qw8"
@@ -311,3 +311,12 @@ class AliasTests(ServerTestCase):
             user="robot", password=SECRET, tls=TLSSettings(ca=ca.cert_path)),))
         await self.pull()
         self.assertTrue(fake.authorizations[-1].startswith("Basic "))
+
+    async def test_errors_name_the_real_host(self) -> None:
+        """When the real upstream is down, the error names it beside the registry clients asked for."""
+        closed = free_port()
+        await self.start(registries=(RegistrySettings(
+            name="docker.io", scheme="http", upstream=f"127.0.0.1:{closed}", prefix="hub-proxy"),))
+        response, body = await self.get("/v2/library/app/manifests/v1?ns=docker.io")
+        self.assertEqual(response.code, 502)
+        self.assertIn(f"upstream docker.io (at 127.0.0.1:{closed}) unreachable", json.loads(body)["errors"][0]["message"])
