@@ -559,25 +559,7 @@ class _Reader:
         name = self.registry_host(items.get("name"))
         if name is None:
             raise self.bad(entry, "missing 'name' (the registry's host[:port], e.g. quay.io)")
-        scheme_entry = items.get("scheme")
-        scheme = self.choice(scheme_entry, ("http", "https"))
-        tls_entry = items.get("tls")
-        if tls_entry is not None and isinstance(tls_entry.node, ScalarNode) and not _is_null(tls_entry.node):
-            # The Rust server's tls: true/false chooses the scheme.
-            if scheme_entry is not None:
-                raise self.bad(tls_entry, "give either 'scheme' or a true/false 'tls', not both")
-            value = str(tls_entry.node.value).lower()
-            if value not in _TRUE | _FALSE:
-                raise self.bad(tls_entry, f"expected a mapping of TLS settings, or true/false, got {_show(value)}")
-            scheme = "https" if value in _TRUE else "http"
-            tls = TLSSettings()
-        else:
-            tls = self.tls(tls_entry)
-        skip_entry = items.get("acceptInvalidCerts")
-        if skip_entry is not None:
-            if tls != TLSSettings():
-                raise self.bad(skip_entry, "give insecureSkipVerify inside 'tls' instead")
-            tls = TLSSettings(insecure_skip_verify=_default(self.boolean(skip_entry), False))
+        scheme, tls = self.scheme_and_tls(items)
         upstream_scheme, upstream, prefix = self.upstream(items.get("upstream"))
         if upstream_scheme is not None:
             if scheme is not None and scheme != upstream_scheme:
@@ -601,6 +583,29 @@ class _Reader:
             tls=tls,
             manifest_ttl=self.duration(items.get("manifestInvalidation"), never=True),
         )
+
+    def scheme_and_tls(self, items: Mapping[str, _Entry]) -> tuple[str | None, TLSSettings]:
+        """A registry's scheme (if given) and TLS settings, in our spelling or the Rust server's."""
+        scheme_entry = items.get("scheme")
+        scheme = self.choice(scheme_entry, ("http", "https"))
+        tls_entry = items.get("tls")
+        if tls_entry is not None and isinstance(tls_entry.node, ScalarNode) and not _is_null(tls_entry.node):
+            # The Rust server's tls: true/false chooses the scheme.
+            if scheme_entry is not None:
+                raise self.bad(tls_entry, "give either 'scheme' or a true/false 'tls', not both")
+            value = str(tls_entry.node.value).lower()
+            if value not in _TRUE | _FALSE:
+                raise self.bad(tls_entry, f"expected a mapping of TLS settings, or true/false, got {_show(value)}")
+            scheme = "https" if value in _TRUE else "http"
+            tls = TLSSettings()
+        else:
+            tls = self.tls(tls_entry)
+        skip_entry = items.get("acceptInvalidCerts")
+        if skip_entry is not None:
+            if tls != TLSSettings():
+                raise self.bad(skip_entry, "give insecureSkipVerify inside 'tls' instead")
+            tls = TLSSettings(insecure_skip_verify=_default(self.boolean(skip_entry), False))
+        return scheme, tls
 
     def upstream(self, entry: _Entry | None) -> tuple[str | None, str | None, str]:
         """(scheme if given, host[:port], path prefix) from ``[scheme://]host[:port][/prefix]``."""
