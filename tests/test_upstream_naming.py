@@ -294,23 +294,44 @@ class AliasTests(ServerTestCase):
         self.assertEqual(len(storage.requests), len(IMAGE.blobs))
         self.assertEqual(set(storage.user_agents), {"corp-mirror/2.0"})
 
-    async def test_tls_and_basic_auth_apply_to_the_real_host(self) -> None:
-        """The entry's CA and login are used for the host it points at, not for docker.io's."""
+    async def tls_proxy(self, fake: FakeRegistry) -> tuple[str, str]:
+        """Serve ``fake`` over HTTPS on loopback: (its host:port, the CA that signed it)."""
         ca = make_ca(self.mktemp(), "harbor")
         cert, key = ca.issue_server("127.0.0.1")
         with open(cert, "rb") as c, open(key, "rb") as k:
             options = PrivateCertificate.loadPEM(c.read() + b"\n" + k.read()).options()
-        fake = FakeRegistry()
         fake.add_image("hub-proxy/library/app", "v1", IMAGE)
-        fake.auth = ("basic", "robot", SECRET)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             TLSMemoryBIOFactory(options, False, Site(fake)))
         self.addCleanup(port.stopListening)
+        return f"127.0.0.1:{port.getHost().port}", ca.cert_path
+
+    async def test_tls_and_basic_auth_apply_to_the_real_host(self) -> None:
+        """The entry's CA and login are used for the host it points at, not for docker.io's."""
+        fake = FakeRegistry()
+        fake.auth = ("basic", "robot", SECRET)
+        host, ca = await self.tls_proxy(fake)
         await self.start(registries=(RegistrySettings(
-            name="docker.io", upstream=f"127.0.0.1:{port.getHost().port}", prefix="hub-proxy",
-            user="robot", password=SECRET, tls=TLSSettings(ca=ca.cert_path)),))
+            name="docker.io", upstream=host, prefix="hub-proxy", user="robot", password=SECRET,
+            tls=TLSSettings(ca=ca)),))
         await self.pull()
         self.assertTrue(fake.authorizations[-1].startswith("Basic "))
+
+    async def test_plain_http_realm_of_the_real_host_gets_no_credentials(self) -> None:
+        """An HTTPS upstream naming an http:// token realm gets no credentials, as any registry would."""
+        fake = FakeRegistry()
+        realm = TokenRealm(fake)
+        realm_port, listening = await listen(realm)
+        self.addCleanup(listening.stopListening)
+        fake.auth = ("bearer", f"http://127.0.0.1:{realm_port}/token")
+        host, ca = await self.tls_proxy(fake)
+        await self.start(registries=(RegistrySettings(
+            name="docker.io", upstream=host, prefix="hub-proxy", user="robot", password=SECRET,
+            tls=TLSSettings(ca=ca)),))
+        response, body = await self.get("/v2/library/app/manifests/v1?ns=docker.io")
+        self.assertEqual(response.code, 502)
+        self.assertIn("is plain HTTP", json.loads(body)["errors"][0]["message"])
+        self.assertEqual(realm.requests, [])
 
     async def test_errors_name_the_real_host(self) -> None:
         """When the real upstream is down, the error names it beside the registry clients asked for."""
