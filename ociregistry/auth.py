@@ -33,7 +33,6 @@ from ociregistry.errors import OCIError
 from ociregistry.inflight import InFlight
 from ociregistry.transport import Transport
 
-USER_AGENT = b"ociregistry"
 _DEFAULT_TOKEN_LIFETIME = 60
 _TOKEN_ANSWER_LIMIT = 1024 * 1024
 MAX_TOKENS = 1024
@@ -159,8 +158,8 @@ class Authenticator:
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
         url = realm + ("&" if parsed.query else "?") + urlencode(query)
-        headers = Headers({b"User-Agent": [USER_AGENT]})
         settings = self._settings(registry)
+        headers = Headers({b"User-Agent": [settings.user_agent.encode("ascii")]})
         login = await self._credentials.login(registry)
         if login is not None:
             if parsed.scheme == "http" and settings.scheme == "https":

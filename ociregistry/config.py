@@ -14,8 +14,9 @@ from typing import NamedTuple, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from ociregistry import __version__
 from ociregistry.errors import OCIError
-from ociregistry.grammar import canonical_registry
+from ociregistry.grammar import DOCKER_HUB, canonical_registry, check_registry, check_repository
 
 _T = TypeVar("_T")
 
@@ -30,7 +31,13 @@ _TOP_KEYS = (
     # Written by the Go server's documented examples; accepted so those files load unchanged.
     "imageFile", "helloWorld", "listConfig", "configFile",
 )
-_REGISTRY_KEYS = ("name", "description", "scheme", "auth", "tls", "manifestInvalidation")
+_REGISTRY_KEYS = (
+    "name", "description", "scheme", "upstream", "userAgent", "auth", "tls", "manifestInvalidation",
+    # The Rust oci-registry's spelling of settings that ours keep elsewhere.
+    "username", "password", "acceptInvalidCerts", "blobInvalidationTime",
+)
+# The Rust oci-registry's names for our registry keys.
+_REGISTRY_ALIASES = {"namespace": "name", "host": "upstream", "manifestInvalidationTime": "manifestInvalidation"}
 _AUTH_KEYS = ("user", "password", "passwordFromEnv", "token", "credentialHelper")
 _TLS_KEYS = ("ca", "cert", "key", "insecureSkipVerify")
 _PRUNE_KEYS = ("enabled", "type", "duration", "frequency", "count", "expr", "maxSize", "dryRun")
@@ -43,6 +50,9 @@ _PRUNE_NEEDS = {
     "accessed": ("duration", "duration"), "created": ("duration", "duration"),
     "pattern": ("expr", "expr"), "size": ("maxSize", "max_size"),
 }
+
+USER_AGENT = f"ociregistry/{__version__}"
+_USER_AGENT = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off"})
@@ -114,19 +124,42 @@ class TLSSettings:
     insecure_skip_verify: bool = False
 
 
+def api_host(registry: str) -> str:
+    """The host that serves a registry's API: Docker Hub's is not docker.io."""
+    return "registry-1.docker.io" if registry == DOCKER_HUB else registry
+
+
 @dataclass(frozen=True)
 class RegistrySettings:
-    """How to reach one upstream registry, named by host[:port] as clients name it."""
+    """How to reach one upstream registry, named by host[:port] as clients name it.
+
+    ``upstream`` and ``prefix`` say where it really is when that is not at its
+    name: a pull-through project of another registry, such as Harbor's
+    ``harbor.corp/dockerhub-proxy``.  Only requests change; the cache knows
+    the registry by its name.
+    """
 
     name: str
     scheme: str = "https"
     description: str = ""
+    upstream: str | None = None
+    prefix: str = ""
+    user_agent: str = USER_AGENT
     user: str | None = None
     password: str | None = None
     token: str | None = None
     credential_helper: str | None = None
     tls: TLSSettings = TLSSettings()
     manifest_ttl: float | None = None
+
+    @property
+    def api_host(self) -> str:
+        """The host[:port] requests for this registry go to."""
+        return self.upstream or api_host(self.name)
+
+    def upstream_repository(self, repository: str) -> str:
+        """A repository as the upstream names it: under its path prefix, if any."""
+        return f"{self.prefix}/{repository}" if self.prefix else repository
 
     def masked(self) -> RegistrySettings:
         """A copy whose password and token, when set, read ``***``."""
@@ -300,13 +333,15 @@ class _Reader:
 
     # Structure
 
-    def mapping(self, entry: _Entry, keys: Sequence[str]) -> dict[str, _Entry]:
-        """The entries of a mapping by canonical key; unknown and repeated keys fail."""
+    def mapping(self, entry: _Entry, keys: Sequence[str],
+                aliases: Mapping[str, str] | None = None) -> dict[str, _Entry]:
+        """The entries of a mapping by canonical key (``aliases`` are other names of keys); unknown and repeated keys fail."""
         if _is_null(entry.node):
             return {}
         if not isinstance(entry.node, MappingNode):
             raise self.bad(entry, f"expected a mapping of keys, got {_kind(entry.node)}")
         by_norm = {_norm(key): key for key in keys}
+        by_norm.update({_norm(alias): key for alias, key in (aliases or {}).items()})
         explicit, merged = self.pairs(entry.node, entry.path, set())
         found: dict[str, _Entry] = {}
         spelled: dict[str, str] = {}
@@ -346,7 +381,7 @@ class _Reader:
         close = difflib.get_close_matches(_norm(raw), list(by_norm), n=1, cutoff=0.6)
         if close:
             return f" (did you mean '{by_norm[close[0]]}'?)"
-        return f" (expected one of: {', '.join(by_norm.values())})"
+        return f" (expected one of: {', '.join(dict.fromkeys(by_norm.values()))})"
 
     def sequence(self, entry: _Entry, expected: str) -> list[_Entry] | None:
         if _is_null(entry.node):
@@ -520,27 +555,106 @@ class _Reader:
     def registry(self, entry: _Entry) -> RegistrySettings:
         if _is_null(entry.node):
             raise self.bad(entry, "expected a registry mapping with at least 'name', got nothing")
-        items = self.mapping(entry, _REGISTRY_KEYS)
+        items = self.mapping(entry, _REGISTRY_KEYS, _REGISTRY_ALIASES)
         name = self.registry_host(items.get("name"))
         if name is None:
             raise self.bad(entry, "missing 'name' (the registry's host[:port], e.g. quay.io)")
-        auth = self.auth(items.get("auth"))
+        scheme, tls = self.scheme_and_tls(items)
+        upstream_scheme, upstream, prefix = self.upstream(items.get("upstream"))
+        if upstream_scheme is not None:
+            if scheme is not None and scheme != upstream_scheme:
+                raise self.bad(items["upstream"], f"the upstream URL says {upstream_scheme}, the registry {scheme}")
+            scheme = upstream_scheme
+        self.duration(items.get("blobInvalidationTime"))  # checked, but blobs never change under a digest
+        flat = {key: items[spelled] for key, spelled in (("user", "username"), ("password", "password"))
+                if spelled in items}
+        auth = self.auth(items.get("auth"), flat, entry)
         return RegistrySettings(
             name=name,
-            scheme=_default(self.choice(items.get("scheme"), ("http", "https")), "https"),
+            scheme=_default(scheme, "https"),
             description=_default(self.text(items.get("description")), ""),
+            upstream=upstream,
+            prefix=prefix,
+            user_agent=_default(self.user_agent(items.get("userAgent")), USER_AGENT),
             user=auth.user,
             password=auth.password,
             token=auth.token,
             credential_helper=auth.credential_helper,
-            tls=self.tls(items.get("tls")),
+            tls=tls,
             manifest_ttl=self.duration(items.get("manifestInvalidation"), never=True),
         )
 
-    def auth(self, entry: _Entry | None) -> _Auth:
-        if entry is None:
+    def scheme_and_tls(self, items: Mapping[str, _Entry]) -> tuple[str | None, TLSSettings]:
+        """A registry's scheme (if given) and TLS settings, in our spelling or the Rust server's."""
+        scheme_entry = items.get("scheme")
+        scheme = self.choice(scheme_entry, ("http", "https"))
+        tls_entry = items.get("tls")
+        if tls_entry is not None and isinstance(tls_entry.node, ScalarNode) and not _is_null(tls_entry.node):
+            # The Rust server's tls: true/false chooses the scheme.
+            if scheme_entry is not None:
+                raise self.bad(tls_entry, "give either 'scheme' or a true/false 'tls', not both")
+            value = str(tls_entry.node.value).lower()
+            if value not in _TRUE | _FALSE:
+                raise self.bad(tls_entry, f"expected a mapping of TLS settings, or true/false, got {_show(value)}")
+            scheme = "https" if value in _TRUE else "http"
+            tls = TLSSettings()
+        else:
+            tls = self.tls(tls_entry)
+        skip_entry = items.get("acceptInvalidCerts")
+        if skip_entry is not None:
+            if tls != TLSSettings():
+                raise self.bad(skip_entry, "give insecureSkipVerify inside 'tls' instead")
+            tls = TLSSettings(insecure_skip_verify=_default(self.boolean(skip_entry), False))
+        return scheme, tls
+
+    def upstream(self, entry: _Entry | None) -> tuple[str | None, str | None, str]:
+        """(scheme if given, host[:port], path prefix) from ``[scheme://]host[:port][/prefix]``."""
+        value = self.text(entry)
+        if value is None or entry is None:
+            return None, None, ""
+        expected = "expected [https://]host[:port][/path], such as https://harbor.corp/dockerhub-proxy"
+        scheme: str | None = None
+        rest = value
+        if "://" in value:
+            scheme, _, rest = value.partition("://")
+            scheme = scheme.lower()
+            if scheme not in ("http", "https"):
+                raise self.bad(entry, f"{expected}: the scheme must be http or https, got {_show(scheme)}")
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            # Never shown: it holds a password.
+            raise self.bad(entry, "credentials do not belong in the upstream URL: give them in 'auth'")
+        if any(c in rest for c in "?#"):
+            raise self.bad(entry, f"{expected}, without a query or fragment")
+        try:
+            host = check_registry(netloc)
+        except OCIError:
+            raise self.bad(entry, f"{expected}: {_show(netloc)} is not a host[:port]") from None
+        prefix = path.strip("/")
+        if prefix:
+            try:
+                check_repository(prefix)
+            except OCIError:
+                raise self.bad(entry, f"{expected}: the path {_show(prefix)} is not a repository path "
+                                      "(lowercase letters, digits and separators)") from None
+        return scheme, host, prefix
+
+    def user_agent(self, entry: _Entry | None) -> str | None:
+        value = self.text(entry)
+        if value is None or entry is None:
+            return None
+        if not _USER_AGENT.fullmatch(value):
+            raise self.bad(entry, f"expected printable ASCII on one line, got {_show(value)}")
+        return value
+
+    def auth(self, entry: _Entry | None, flat: dict[str, _Entry], registry: _Entry) -> _Auth:
+        """Credentials from an ``auth`` mapping, or the Rust server's ``username`` and ``password`` beside ``name``."""
+        if entry is not None and flat:
+            raise self.bad(entry, "give credentials either in 'auth' or as username/password, not both")
+        if entry is None and not flat:
             return _Auth()
-        items = self.mapping(entry, _AUTH_KEYS)
+        items = self.mapping(entry, _AUTH_KEYS) if entry is not None else flat
+        where = entry if entry is not None else registry
         user = self.text(items.get("user"))
         password = self.text(items.get("password"))
         from_env = items.get("passwordFromEnv")
@@ -556,13 +670,13 @@ class _Reader:
         token = self.text(items.get("token"))
         helper = self.text(items.get("credentialHelper"))
         if password is not None and user is None:
-            raise self.bad(entry, "a password needs a 'user'")
+            raise self.bad(where, "a password needs a 'user'")
         if user is not None and password is None:
-            raise self.bad(entry, f"user {user!r} needs a 'password' or 'passwordFromEnv'")
+            raise self.bad(where, f"user {user!r} needs a 'password' or 'passwordFromEnv'")
         if token is not None and user is not None:
-            raise self.bad(entry, "give either user and password or a token, not both")
+            raise self.bad(where, "give either user and password or a token, not both")
         if helper is not None and (user is not None or token is not None):
-            raise self.bad(entry, "credentialHelper cannot be combined with user/password or token")
+            raise self.bad(where, "credentialHelper cannot be combined with user/password or token")
         return _Auth(user, password, token, helper)
 
     def tls(self, entry: _Entry | None) -> TLSSettings:

@@ -24,6 +24,9 @@ from ociregistry.grammar import canonical_registry
 from ociregistry.inflight import InFlight
 
 CREDENTIALS_VARIABLE = "OCIREGISTRY_CREDENTIALS"
+RUST_CREDENTIALS_VARIABLE = "UPSTREAM_CREDENTIALS"
+# In order of precedence: (variable, key of the user name, whether tokens may be given).
+_VARIABLES = ((CREDENTIALS_VARIABLE, "user", True), (RUST_CREDENTIALS_VARIABLE, "username", False))
 _HELPER_TTL = 300.0
 
 RunHelper = Callable[[str, str], "Deferred[tuple[bytes, bytes, int]]"]
@@ -49,38 +52,53 @@ def _run_helper(program: str, host: str) -> "Deferred[tuple[bytes, bytes, int]]"
 def credentials_from_environment(
     registries: Sequence[RegistrySettings], environ: Mapping[str, str]
 ) -> tuple[RegistrySettings, ...]:
-    """Add the credentials of a JSON map in $OCIREGISTRY_CREDENTIALS to the registries.
+    """Add the credentials of the JSON maps in $OCIREGISTRY_CREDENTIALS and $UPSTREAM_CREDENTIALS to the registries.
 
-    The map is ``{"registry": {"user": ..., "password": ...} or {"token": ...}}``;
-    a registry configured with credentials keeps its own.
+    $OCIREGISTRY_CREDENTIALS is ``{"registry": {"user": ..., "password": ...} or
+    {"token": ...}}``; $UPSTREAM_CREDENTIALS is the Rust oci-registry's
+    ``{"registry": {"username": ..., "password": ...}}``.  A registry
+    configured with credentials keeps its own, and $OCIREGISTRY_CREDENTIALS
+    wins over $UPSTREAM_CREDENTIALS.
     """
-    text = environ.get(CREDENTIALS_VARIABLE)
+    by_name = {r.name: r for r in registries}
+    for variable, user_key, tokens in _VARIABLES:
+        for host, entry in _credential_map(environ, variable, user_key, tokens).items():
+            current = by_name.get(host, RegistrySettings(name=host))
+            if current.user or current.token or current.credential_helper:
+                continue
+            by_name[host] = replace(current, user=entry.get(user_key), password=entry.get("password"),
+                                    token=entry.get("token") if tokens else None)
+    return tuple(by_name.values())
+
+
+def _credential_map(environ: Mapping[str, str], variable: str, user_key: str,
+                    tokens: bool) -> dict[str, dict[str, Any]]:
+    """The entries of one variable's JSON map by registry, checked; errors never show a value."""
+    text = environ.get(variable)
     if not text:
-        return tuple(registries)
+        return {}
+    source = f"${variable}"
     try:
         document: Any = json.loads(text)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
-        raise ConfigError(f"${CREDENTIALS_VARIABLE}", "", f"invalid JSON ({e})")
-    by_name = {r.name: r for r in registries}
+        # json's messages give a position, never the text.
+        raise ConfigError(source, "", f"invalid JSON ({e})") from None
+    needs = f"needs '{user_key}' and 'password'" + (", or 'token'" if tokens else "")
+    found: dict[str, dict[str, Any]] = {}
     for name, entry in document.items():
-        where = str(name)
         try:
             host = canonical_registry(name)
         except OCIError:
-            raise ConfigError(f"${CREDENTIALS_VARIABLE}", where, "not a registry host")
+            raise ConfigError(source, str(name), "not a registry host") from None
         if not isinstance(entry, dict) or not (
-            isinstance(entry.get("user"), str) and isinstance(entry.get("password"), str)
-            or isinstance(entry.get("token"), str)
+            isinstance(entry.get(user_key), str) and isinstance(entry.get("password"), str)
+            or tokens and isinstance(entry.get("token"), str)
         ):
-            raise ConfigError(f"${CREDENTIALS_VARIABLE}", where, "needs 'user' and 'password', or 'token'")
-        current = by_name.get(host, RegistrySettings(name=host))
-        if current.user or current.token or current.credential_helper:
-            continue
-        by_name[host] = replace(current, user=entry.get("user"), password=entry.get("password"),
-                                token=entry.get("token"))
-    return tuple(by_name.values())
+            raise ConfigError(source, str(name), needs)
+        found[host] = entry
+    return found
 
 
 class Credentials:

@@ -37,11 +37,12 @@ from ociregistry.config import (
     PruneSettings,
     RegistrySettings,
     ServerTLSSettings,
+    api_host,
     load_config_file,
     parse_duration,
     parse_size,
 )
-from ociregistry.credentials import CREDENTIALS_VARIABLE, credentials_from_environment
+from ociregistry.credentials import CREDENTIALS_VARIABLE, RUST_CREDENTIALS_VARIABLE, credentials_from_environment
 from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
@@ -51,7 +52,7 @@ from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.store import BlobStore, CacheUnusable
 from ociregistry.threads import WorkerThreads
 from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_MIN_RATE_TEXT, DEFAULT_RATE_WINDOW, parse_rate
-from ociregistry.upstream import Upstream, api_host
+from ociregistry.upstream import Upstream
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.tls import ServerTLS
@@ -131,7 +132,9 @@ class Options(usage.Options):
         "Clients pull through it; what they pull is cached under --image-path "
         "and served from there, even when the upstream is gone. "
         f"Upstream credentials may also come from ${CREDENTIALS_VARIABLE}, a JSON map "
-        "of registry to {user, password} or {token}."
+        "of registry to {user, password} or {token}, or "
+        f"${RUST_CREDENTIALS_VARIABLE}, the Rust oci-registry's map of registry to {{username, password}}; "
+        f"the configuration file wins over ${CREDENTIALS_VARIABLE}, which wins over ${RUST_CREDENTIALS_VARIABLE}."
     )
     optParameters: list[list[Any]] = [
         ["image-path", None, None, "Where the cache lives [default: /var/lib/ociregistry]."],
@@ -496,7 +499,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     index = Index(index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS)
     if new_index:
         _warn_unindexed(index, store, index_path)
-    registries = [host_of(api_host(name)) for name in [config.default_ns, *(r.name for r in config.registries)]]
+    registries = [host_of(host) for host in [api_host(config.default_ns), *(r.api_host for r in config.registries)]]
     lookups = HostLookups(reactor, names.run, threads=names.size, preferred=registries,
                           timeout=config.dns_timeout)
     # Lookups still queued fail as shutdown begins, so their responses need not use up the grace.

@@ -48,7 +48,6 @@ from zope.interface import implementer
 from ociregistry.allowlist import Allowlist, CheckedResolver, ReactorWithResolver
 from ociregistry.config import RegistrySettings, TLSSettings, parse_duration, parse_size
 from ociregistry.errors import OCIError
-from ociregistry.grammar import DOCKER_HUB
 from ociregistry.metrics import Metrics
 
 log = Logger()
@@ -74,11 +73,6 @@ def parse_rate(text: str) -> tuple[float, float]:
     if rate < 0 or window <= 0:
         raise ValueError(f"invalid rate {text!r}: expected SIZE/DURATION such as 1KiB/30s, or 0")
     return rate, window
-
-
-def api_host(registry: str) -> str:
-    """The host that serves a registry's API: Docker Hub's is not docker.io."""
-    return "registry-1.docker.io" if registry == DOCKER_HUB else registry
 
 
 def _split_host(host: str, scheme: str) -> tuple[str, int]:
@@ -125,12 +119,15 @@ def client_tls(host: str, tls: TLSSettings) -> IOpenSSLClientConnectionCreator:
 
 @implementer(IPolicyForHTTPS)
 class TLSPolicy:
-    """Chooses TLS settings by the host being contacted: a configured registry's own, else system trust."""
+    """Chooses TLS settings by the host being contacted: a configured registry's own, else system trust.
+
+    A registry whose upstream is elsewhere has its settings apply to that host.
+    """
 
     def __init__(self, registries: Sequence[RegistrySettings]) -> None:
         self._by_netloc: dict[tuple[str, int], TLSSettings] = {}
         for settings in registries:
-            host, port = _split_host(api_host(settings.name), settings.scheme)
+            host, port = _split_host(settings.api_host, settings.scheme)
             self._by_netloc[(host.lower(), port)] = settings.tls
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
@@ -366,8 +363,13 @@ class Transport:
             await pool.closeCachedConnections()
 
     async def send(self, registry: str, method: str, url: str, headers: Headers) -> IResponse:
-        """A request to a registry: redirects followed, failures retried, errors naming the registry."""
-        return await self._send(registry, f"upstream {registry}", self._by_host, method, url, headers)
+        """A request to a registry: redirects followed, failures retried, errors naming the registry.
+
+        Errors name the host too when the registry is served from another (Docker Hub's API host, an ``upstream``).
+        """
+        host = urlsplit(url).netloc
+        what = f"upstream {registry}" if host == registry else f"upstream {registry} (at {host})"
+        return await self._send(registry, what, self._by_host, method, url, headers)
 
     async def send_to_realm(self, registry: str, tls: TLSSettings, url: str, headers: Headers) -> IResponse:
         """A GET from the token realm a registry named, trusted per that registry's TLS settings."""

@@ -17,12 +17,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ociregistry.allowlist import Allowlist
-from ociregistry.auth import USER_AGENT, Authenticator
+from ociregistry.auth import Authenticator
 from ociregistry.config import RegistrySettings, registry_settings
 from ociregistry.credentials import Credentials
 from ociregistry.errors import OCIError
 from ociregistry.metrics import Metrics
-from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_RATE_WINDOW, Transport, api_host, header
+from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_RATE_WINDOW, Transport, header
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -81,10 +81,6 @@ class Upstream:
         """The configured settings for a registry, or the defaults."""
         return registry_settings(self._registries, registry)
 
-    def base_url(self, registry: str) -> str:
-        """The scheme and host of a registry's API."""
-        return f"{self.settings(registry).scheme}://{api_host(registry)}"
-
     def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> "Deferred[None]":
         """Feed a response body to ``sink``; fails if the upstream stalls, trickles or breaks off.
 
@@ -97,7 +93,7 @@ class Upstream:
     ) -> tuple[bytes, str | None, str | None]:
         """GET a manifest: (bytes, Content-Type, Docker-Content-Digest)."""
         response = await self.request(
-            "GET", registry, repository, f"/v2/{repository}/manifests/{reference}", accept=_ACCEPT_MANIFESTS
+            "GET", registry, repository, f"manifests/{reference}", accept=_ACCEPT_MANIFESTS
         )
         await self._check(response, registry)
         limit = self.max_manifest_size
@@ -110,7 +106,7 @@ class Upstream:
     async def manifest_digest(self, registry: str, repository: str, tag: str) -> str | None:
         """The digest a tag points at upstream, from one HEAD (Docker Hub does not count HEADs)."""
         response = await self.request(
-            "HEAD", registry, repository, f"/v2/{repository}/manifests/{tag}", accept=_ACCEPT_MANIFESTS
+            "HEAD", registry, repository, f"manifests/{tag}", accept=_ACCEPT_MANIFESTS
         )
         await self._check(response, registry)
         await self._transport.discard(response, registry)
@@ -118,7 +114,7 @@ class Upstream:
 
     async def head_blob(self, registry: str, repository: str, digest: str) -> int | None:
         """The size of an upstream blob from a HEAD, without downloading it."""
-        response = await self.request("HEAD", registry, repository, f"/v2/{repository}/blobs/{digest}")
+        response = await self.request("HEAD", registry, repository, f"blobs/{digest}")
         await self._check(response, registry)
         await self._transport.discard(response, registry)
         # A HEAD response has no body, so the client reports length 0: read the header.
@@ -127,13 +123,13 @@ class Upstream:
 
     async def open_blob(self, registry: str, repository: str, digest: str) -> IResponse:
         """GET a blob and return the response whose body is still to be read."""
-        response = await self.request("GET", registry, repository, f"/v2/{repository}/blobs/{digest}")
+        response = await self.request("GET", registry, repository, f"blobs/{digest}")
         await self._check(response, registry)
         return response
 
     async def list_tags(self, registry: str, repository: str, query: dict[str, str]) -> tuple[list[str], bool]:
         """The upstream's tags for a repository, and whether it has more pages."""
-        path = f"/v2/{repository}/tags/list"
+        path = "tags/list"
         if query:
             path += "?" + urlencode(query)
         response = await self.request("GET", registry, repository, path)
@@ -155,14 +151,18 @@ class Upstream:
         path: str,
         accept: bytes | None = None,
     ) -> IResponse:
-        """Send a request with whatever authentication the registry asks for.
+        """Send a request for ``path`` under a repository's API, with whatever authentication the registry asks for.
 
-        The response is unbuffered: the caller reads or discards its body.
+        The request goes where the registry's settings say it really is, with
+        the repository as that upstream names it; the response is unbuffered:
+        the caller reads or discards its body.
         """
-        scope = f"repository:{repository}:pull"
-        url = self.base_url(registry) + path
+        settings = self.settings(registry)
+        name = settings.upstream_repository(repository)
+        scope = f"repository:{name}:pull"
+        url = f"{settings.scheme}://{settings.api_host}/v2/{name}/{path}"
         for attempt in (1, 2):
-            headers = Headers({b"User-Agent": [USER_AGENT]})
+            headers = Headers({b"User-Agent": [settings.user_agent.encode("ascii")]})
             if accept:
                 headers.setRawHeaders(b"Accept", [accept])
             authorization = await self._auth.authorization(registry, scope)

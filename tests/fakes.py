@@ -97,6 +97,7 @@ class FakeRegistry(Resource):
         self.behaviour: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str]] = []
         self.authorizations: list[str | None] = []
+        self.user_agents: list[str | None] = []
         self.manifest_status = 200
         self.manifest_digest_header: str | None = None
         self.auth: tuple[str, ...] | None = None
@@ -159,6 +160,8 @@ class FakeRegistry(Resource):
             return NOT_DONE_YET
         path = request.path.decode()
         self.requests.append((request.method.decode(), path))
+        agent = request.getHeader(b"user-agent")
+        self.user_agents.append(agent.decode() if agent else None)
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         if not self._authorized(request):
             return b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}'
@@ -260,11 +263,14 @@ class TokenRealm(Resource):
         self.registry = registry
         self.expires_in = expires_in
         self.requests: list[tuple[str, str | None]] = []
+        self.user_agents: list[str | None] = []
 
     def render_GET(self, request: Any) -> bytes:
         scope = request.args.get(b"scope", [b""])[0].decode()
         header = request.getHeader(b"authorization")
         self.requests.append((scope, header.decode() if header else None))
+        agent = request.getHeader(b"user-agent")
+        self.user_agents.append(agent.decode() if agent else None)
         token = f"token-{len(self.requests)}"
         self.registry.valid_tokens.add(token)
         return json.dumps({"token": token, "expires_in": self.expires_in}).encode()

@@ -367,19 +367,24 @@ class Registry:
     async def settled(self, quiet: float = 0.2, limit: float = 3.0) -> None:
         """Wait until the access log stops growing: distribution writes a line only after
         the response has gone out, so a client can be done before its request is logged."""
-        deadline = time.monotonic() + limit
-        size = -1
-        while time.monotonic() < deadline:
-            current = os.path.getsize(self.log_path)
-            if current == size:
-                return
-            size = current
-            await sleep(quiet)
+        await log_settled(self.log_path, quiet, limit)
 
     def count_requests(self, method: str, path_substring: str, status: int | None = None) -> int:
         """How many requests with this method had a path containing `path_substring`."""
         return sum(1 for m, path, code in self.requests()
                    if m == method and path_substring in path and status in (None, code))
+
+
+async def log_settled(path: str, quiet: float = 0.2, limit: float = 3.0) -> None:
+    """Wait until a log file stops growing (servers log a request after answering it)."""
+    deadline = time.monotonic() + limit
+    size = -1
+    while time.monotonic() < deadline:
+        current = os.path.getsize(path) if os.path.exists(path) else 0
+        if current == size:
+            return
+        size = current
+        await sleep(quiet)
 
 
 async def _until_ready(process: subprocess.Popen[bytes], log_path: str, what: str,
@@ -1337,3 +1342,90 @@ def cache_problems(image_path: str) -> list[str]:
         elif on_disk[digest] != size:
             problems.append(f"{digest} is {on_disk[digest]} bytes on disk, {size} in the index")
     return problems
+
+
+# Debian's nginx as a reverse proxy in front of an upstream
+
+
+_NGINX_LINE = re.compile(r'^(\S+) (\S+) (\d{3}) "(.*)"$')
+
+
+class Nginx:
+    """An nginx process of its own (config, pid file, temp paths and logs in ``base_dir``) serving ``locations``.
+
+    ``locations`` maps a location prefix to the ``proxy_pass`` URL it goes to;
+    the access log records method, URI, status and User-Agent.
+    """
+
+    def __init__(self, base_dir: str, *, address: str, port: int, locations: dict[str, str]) -> None:
+        self.base_dir = os.path.abspath(base_dir)
+        self.address = address
+        self.port = port
+        self.host = address if port == 80 else f"{address}:{port}"
+        self.url = f"http://{self.host}"
+        self.access_log = os.path.join(self.base_dir, "access.log")
+        self.log_path = os.path.join(self.base_dir, "error.log")
+        self.config_path = os.path.join(self.base_dir, "nginx.conf")
+        self._process: subprocess.Popen[bytes] | None = None
+        os.makedirs(self.base_dir, exist_ok=True)
+        temp = {name: os.path.join(self.base_dir, name) for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        for path in temp.values():
+            os.makedirs(path, exist_ok=True)
+        served = "".join(f"        location {prefix} {{ proxy_pass {target}; }}\n"
+                         for prefix, target in locations.items())
+        with open(self.config_path, "w") as f:
+            f.write(
+                "daemon off;\n"
+                "user root;\n"  # the workers write temp files into the test's directory
+                "worker_processes 1;\n"
+                f"pid {self.base_dir}/nginx.pid;\n"
+                f"error_log {self.log_path} info;\n"
+                "events { worker_connections 64; }\n"
+                "http {\n"
+                "    log_format agents '$request_method $request_uri $status \"$http_user_agent\"';\n"
+                f"    access_log {self.access_log} agents;\n"
+                + "".join(f"    {name}_temp_path {path};\n" for name, path in temp.items())
+                + "    server {\n"
+                f"        listen {address}:{port};\n"
+                + served
+                + "    }\n"
+                "}\n"
+            )
+
+    async def start(self) -> None:
+        """Start nginx and wait until it accepts connections."""
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self._process = start_process([nginx, "-p", self.base_dir, "-e", self.log_path, "-c", self.config_path],
+                                      self.log_path, cwd=self.base_dir)
+
+        async def listening() -> bool:
+            return await _accepts(self.address, self.port)
+
+        await _until_ready(self._process, self.log_path, "nginx", listening, self.stop)
+
+    async def stop(self) -> None:
+        """Stop nginx (SIGTERM is its fast shutdown) and wait for it."""
+        if self._process is not None:
+            await _terminate(self._process, signal.SIGTERM)
+
+    async def settled(self) -> None:
+        """Wait until the access log stops growing."""
+        await log_settled(self.access_log)
+
+    def requests(self) -> list[tuple[str, str, int, str]]:
+        """Every (method, URI, status, User-Agent) in the access log."""
+        try:
+            with open(self.access_log, encoding="utf-8", errors="replace") as f:
+                lines = [_NGINX_LINE.match(line.rstrip("\n")) for line in f]
+        except FileNotFoundError:
+            return []
+        return [(m[1], m[2], int(m[3]), m[4]) for m in lines if m]
+
+
+async def start_nginx(base_dir: str, *, test: TestCase, address: str = "127.0.0.1", port: int = 0,
+                      locations: dict[str, str]) -> Nginx:
+    """Start nginx proxying ``locations`` on ``address:port`` (0: a free port), stopped at test cleanup."""
+    nginx = Nginx(base_dir, address=address, port=port or free_port(address), locations=locations)
+    test.addCleanup(nginx.stop)
+    await nginx.start()
+    return nginx

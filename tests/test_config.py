@@ -343,7 +343,7 @@ class BadValueTests(_Files):
              "registries[0].manifestInvalidation", "'soon'"),
             ("registries: [{name: quay.io, tls: {insecureSkipVerify: sure}}]",
              "registries[0].tls.insecureSkipVerify", "'sure'"),
-            ("registries: [{name: quay.io, tls: yes}]", "registries[0].tls", "a single value"),
+            ("registries: [{name: quay.io, tls: maybe}]", "registries[0].tls", "'maybe'"),
             ("pruneConfig: {type: random}", "pruneConfig.type", "'random'"),
             ("pruneConfig: {duration: 3 weeks}", "pruneConfig.duration", "'3 weeks'"),
             ("pruneConfig: {frequency: 0}", "pruneConfig.frequency", "longer than zero"),

@@ -103,5 +103,5 @@ class OptionsTests(SynchronousTestCase):
                 f.write("placeholder")
         settings = load_config_file(self.write(text.replace("/etc/ociregistry", directory)),
                                     {"PRIVATE_REGISTRY_PASSWORD": "x"})
-        self.assertEqual(len(settings.registries), 5)
+        self.assertEqual(len(settings.registries), 6)
         self.assertEqual(settings.manifest_ttl, 300.0)
