@@ -18,9 +18,10 @@ import collections
 import fnmatch
 import ipaddress
 import socket
+from collections.abc import Callable, Collection, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -135,7 +136,7 @@ class Allowlist:
         try:
             addresses = [host] if _is_address(host) else await self._resolve(host)
         except OSError:
-            raise OCIError(502, "UNAVAILABLE", f"upstream {netloc} could not be resolved")
+            raise OCIError(502, "UNAVAILABLE", f"upstream {netloc} could not be resolved") from None
         if not addresses or not all(is_public(a) for a in addresses):
             raise OCIError(
                 403, "DENIED",

@@ -20,8 +20,8 @@ import base64
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.interfaces import IReactorTime
@@ -61,7 +61,7 @@ def parse_challenge(header: str) -> Challenge:
 
 def basic(login: Login) -> bytes:
     """An ``Authorization`` value for basic auth."""
-    return b"Basic " + base64.b64encode(f"{login.user}:{login.password}".encode("utf-8"))
+    return b"Basic " + base64.b64encode(f"{login.user}:{login.password}".encode())
 
 
 class TokenCache:
@@ -185,7 +185,7 @@ class Authenticator:
                 raise ValueError("no token in the answer")
             lifetime = float(document.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError) as e:
-            raise OCIError(502, "UNAVAILABLE", f"token service of {registry} sent an invalid answer: {e}")
+            raise OCIError(502, "UNAVAILABLE", f"token service of {registry} sent an invalid answer: {e}") from None
         # Refresh well before expiry: a request signed just before the end fails upstream.
         margin = min(30.0, lifetime / 4)
         self._tokens.put((registry, scope), value, self._clock.seconds() + lifetime - margin)

@@ -620,7 +620,7 @@ class _Reader:
             scheme = scheme.lower()
             if scheme not in ("http", "https"):
                 raise self.bad(entry, f"{expected}: the scheme must be http or https, got {_show(scheme)}")
-        netloc, slash, path = rest.partition("/")
+        netloc, _, path = rest.partition("/")
         if "@" in netloc:
             # Never shown: it holds a password.
             raise self.bad(entry, "credentials do not belong in the upstream URL: give them in 'auth'")

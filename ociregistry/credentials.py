@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -40,7 +41,7 @@ class Login:
     password: str
 
 
-def _run_helper(program: str, host: str) -> "Deferred[tuple[bytes, bytes, int]]":
+def _run_helper(program: str, host: str) -> Deferred[tuple[bytes, bytes, int]]:
     from twisted.internet import reactor
 
     d: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
@@ -93,8 +94,8 @@ def _credential_map(environ: Mapping[str, str], variable: str, user_key: str,
         except OCIError:
             raise ConfigError(source, str(name), "not a registry host") from None
         if not isinstance(entry, dict) or not (
-            isinstance(entry.get(user_key), str) and isinstance(entry.get("password"), str)
-            or tokens and isinstance(entry.get("token"), str)
+            (isinstance(entry.get(user_key), str) and isinstance(entry.get("password"), str))
+            or (tokens and isinstance(entry.get("token"), str))
         ):
             raise ConfigError(source, str(name), needs)
         found[host] = entry
@@ -143,7 +144,7 @@ class Credentials:
             answer = json.loads(out)
             login = Login(str(answer["Username"]), str(answer["Secret"]))
         except (OSError, ValueError, KeyError, TypeError):
-            raise failure
+            raise failure from None
         if code != 0:
             raise failure
         self._helper_answers[registry] = (login, self._clock.seconds() + _HELPER_TTL)

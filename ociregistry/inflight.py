@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Coroutine, Generic, Hashable, TypeVar
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
@@ -28,7 +29,7 @@ class Observable(Generic[T]):
         """Whether the result (or failure) is in."""
         return self._fired
 
-    def observe(self) -> "Deferred[T]":
+    def observe(self) -> Deferred[T]:
         """A new Deferred for the result, fired now if it is already in."""
         if self._fired:
             if isinstance(self._result, Failure):
@@ -62,7 +63,7 @@ class InFlight(Generic[K, T]):
     def __len__(self) -> int:
         return len(self._running)
 
-    def run(self, key: K, work: Callable[[], Coroutine[Any, Any, T]]) -> "Deferred[T]":
+    def run(self, key: K, work: Callable[[], Coroutine[Any, Any, T]]) -> Deferred[T]:
         """Wait for the job for ``key``, starting ``work`` if none is running."""
         observable = self._running.get(key)
         if observable is None:

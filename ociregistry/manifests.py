@@ -37,7 +37,7 @@ def describe(content: bytes, content_type: str | None, source: str) -> tuple[str
     try:
         document = json.loads(content)
     except (ValueError, UnicodeDecodeError) as e:
-        raise _invalid(source, f"not JSON ({e})")
+        raise _invalid(source, f"not JSON ({e})") from None
     if not isinstance(document, dict):
         raise _invalid(source, "not a JSON object")
     declared = (content_type or "").split(";")[0].strip().lower()
@@ -51,7 +51,7 @@ def describe(content: bytes, content_type: str | None, source: str) -> tuple[str
     try:
         return media_type, _references(document, media_type)
     except (KeyError, TypeError, ValueError) as e:
-        raise _invalid(source, f"malformed descriptor ({e!r})")
+        raise _invalid(source, f"malformed descriptor ({e!r})") from None
 
 
 def _guess(document: dict[str, Any]) -> str | None:
@@ -84,7 +84,7 @@ def _reference(descriptor: dict[str, Any], kind: str) -> Reference:
         # These digests become file names: only well-formed ones are accepted.
         check_digest(digest)
     except OCIError as e:
-        raise ValueError(e.message)
+        raise ValueError(e.message) from None
     platform = _platform(descriptor.get("platform")) if kind == "manifest" else None
     return Reference(digest, kind, str(descriptor["mediaType"]), int(descriptor["size"]), platform)
 

@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -143,7 +143,7 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def begin(self, digest: str, limit: int | None = None) -> "Writer":
+    def begin(self, digest: str, limit: int | None = None) -> Writer:
         """Start writing content that must hash to ``digest``; StorageFull when the disk is full."""
         why = self.full()
         if why is not None:

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from OpenSSL import SSL
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IHostnameResolver, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHostnameResolver,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
@@ -35,12 +42,12 @@ from twisted.web.client import (
     ContentDecoderAgent,
     GzipDecoder,
     HTTPConnectionPool,
-    PotentialDataLoss,
     RedirectAgent,
     ResponseDone,
     ResponseFailed,
 )
 from twisted.web.error import InfiniteRedirection, RedirectWithNoLocation
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -150,7 +157,7 @@ class AnswerTimeout(Exception):
     """No answer (status line and headers) came within the answer timeout."""
 
 
-def answer_within(work: "Deferred[T]", seconds: float, clock: IReactorTime) -> "Deferred[T]":
+def answer_within(work: Deferred[T], seconds: float, clock: IReactorTime) -> Deferred[T]:
     """``work``, failing with AnswerTimeout if it has not fired after ``seconds``.
 
     The timeout cancels ``work``; whatever failure that produces becomes
@@ -185,7 +192,7 @@ class _Allowed:
         self._via = via
 
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
-                bodyProducer: IBodyProducer | None = None) -> "Deferred[IResponse]":
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
         async def send() -> IResponse:
             await self._allowlist.check(urlsplit(uri.decode("ascii")).netloc, via=self._via)
             response: IResponse = await self._agent.request(method, uri, headers, bodyProducer)
@@ -203,14 +210,15 @@ class _Dropped(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._left -= len(data)
         if self._left < 0 and self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is the producer of its bytes.
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class _Redirects(RedirectAgent):
     """Twisted's redirect policy, with each redirect's own body dropped rather than held in memory."""
 
     def _handleRedirect(self, response: IResponse, method: bytes, uri: bytes, headers: Headers | None,
-                        redirectCount: int) -> "Deferred[IResponse]":
+                        redirectCount: int) -> Deferred[IResponse]:
         response.deliverBody(_Dropped(_DISCARD_LIMIT))
         followed: Deferred[IResponse] = super()._handleRedirect(response, method, uri, headers, redirectCount)
         return followed
@@ -278,11 +286,13 @@ class _BodyReader(Protocol):
 
     def _abort(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
 
-def describe(reason: BaseException) -> str:
+def describe(reason: BaseException | None) -> str:
     """What went wrong, in a few words, from a network failure (wrapped or not)."""
+    if reason is None:
+        return "no reason given"
     if isinstance(reason, ResponseFailed) and reason.reasons:
         return describe(reason.reasons[0].value)
     if isinstance(reason, SSL.Error) and reason.args and isinstance(reason.args[0], list):
@@ -406,7 +416,7 @@ class Transport:
                 error, retry = self._explain(e, what)
                 self._observe(registry, "error", started)
                 if last or not retry:
-                    raise error
+                    raise error from None
                 log.info("Retrying {method} {url}: {why}", method=method, url=url, why=error.message)
             else:
                 self._observe(registry, str(response.code), started)
@@ -420,7 +430,7 @@ class Transport:
                 await pause
             except CancelledError:
                 if self._closed:
-                    raise OCIError(503, "UNAVAILABLE", f"{what} failed and the server is shutting down")
+                    raise OCIError(503, "UNAVAILABLE", f"{what} failed and the server is shutting down") from None
                 raise
             finally:
                 self._pauses.discard(pause)
@@ -452,7 +462,7 @@ class Transport:
     def _observe(self, registry: str, outcome: str, started: float) -> None:
         self._metrics.upstream_requests.labels(registry, outcome).observe(time.monotonic() - started)
 
-    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> "Deferred[None]":
+    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> Deferred[None]:
         """Feed a response body to ``sink``; fails if the upstream stalls, trickles or breaks off.
 
         Cancelling the Deferred aborts the connection.
@@ -487,8 +497,8 @@ class Transport:
             await self.content(response, source, _DISCARD_LIMIT)
         except CancelledError:
             raise
-        except Exception:
-            pass
+        except Exception as e:
+            log.debug("Dropped the rest of an answer from {source}: {why}", source=source, why=e)
 
 
 def header(response: IResponse, name: bytes) -> str | None:

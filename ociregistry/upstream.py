@@ -8,7 +8,7 @@ credentials); this module puts them together and turns answers into results.
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
@@ -81,7 +81,7 @@ class Upstream:
         """The configured settings for a registry, or the defaults."""
         return registry_settings(self._registries, registry)
 
-    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> "Deferred[None]":
+    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> Deferred[None]:
         """Feed a response body to ``sink``; fails if the upstream stalls, trickles or breaks off.
 
         Cancelling the Deferred aborts the connection.
@@ -140,7 +140,7 @@ class Upstream:
             if not all(isinstance(tag, str) for tag in tags):
                 raise ValueError("tags must be strings")
         except (ValueError, KeyError, TypeError) as e:
-            raise OCIError(502, "UNAVAILABLE", f"upstream {registry} sent an invalid tag list: {e}")
+            raise OCIError(502, "UNAVAILABLE", f"upstream {registry} sent an invalid tag list: {e}") from None
         return tags, response.headers.hasHeader(b"link")
 
     async def request(

@@ -6,20 +6,20 @@ import json
 import os
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlencode
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
-from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer
 
 from ociregistry.allowlist import lookups_on_behalf_of
 from ociregistry.cache import Cache
@@ -33,8 +33,8 @@ from ociregistry.errors import (
     answer_for,
     unsupported,
 )
-from ociregistry.metrics import Metrics
 from ociregistry.grammar import Route, Upstream, check_digest, check_reference, parse_path, resolve_upstream
+from ociregistry.metrics import Metrics
 from ociregistry.site import RegistryRequest, plain_tcp
 
 log = Logger()
@@ -50,7 +50,7 @@ _BEYOND = 10**_POSITION_DIGITS
 _API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | RangeNotSatisfiable:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | RangeNotSatisfiable | None:
     """The byte range a Range header asks for, as (first, end exclusive).
 
     None means "send the whole blob" (no header, or one we may ignore per
