@@ -18,7 +18,7 @@ from twisted.python import usage
 from ociregistry import __version__
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
 from ociregistry.downloads import BlobDownload
-from ociregistry.index import CachedImage, Index
+from ociregistry.index import CachedImage, Index, IndexConnection, SqliteEngine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from ociregistry.metrics import Metrics
@@ -67,14 +67,14 @@ def _image_path(args: argparse.Namespace) -> str:
     return os.path.abspath(args.image_path or _settings(args).image_path or DEFAULT_IMAGE_PATH)
 
 
-def _index(args: argparse.Namespace, writable: bool) -> Index:
+def _index(args: argparse.Namespace, writable: bool) -> IndexConnection:
     from twisted.internet import reactor
 
     path = os.path.join(_image_path(args), "index.db")
     if not os.path.isfile(path):
         raise CommandError(f"no cache at {os.path.dirname(path)} (no index.db); give --image-path")
     try:
-        return Index(path, reactor) if writable else Index.read_only(path, reactor)
+        return SqliteEngine(path, reactor, read_only=not writable).connect()
     except CacheUnusable as e:
         raise CommandError(str(e)) from None
     except sqlite3.Error as e:
@@ -187,14 +187,14 @@ def cmd_import_go_cache(args: argparse.Namespace) -> int:
     async def work(reactor: Any) -> None:
         store = threaded_store(image_path, reactor)
         store.prepare()
-        index = Index(os.path.join(image_path, "index.db"), reactor)
+        index = Index(SqliteEngine(os.path.join(image_path, "index.db"), reactor))
         try:
             loaded, problems = await Importer(index, store).import_go_cache(args.source)
         except LoadError as e:
             print(f"ociregistry import-go-cache: {e}", file=sys.stderr)
             raise SystemExit(1)
         finally:
-            index.close()
+            await index.close()
         for item in loaded:
             print(f"imported {item.name} {item.digest} ({item.blobs} blobs)")
         for problem in problems:

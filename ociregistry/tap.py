@@ -45,7 +45,7 @@ from ociregistry.credentials import CREDENTIALS_VARIABLE, credentials_from_envir
 from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
-from ociregistry.index import Index
+from ociregistry.index import Index, SqliteEngine
 from ociregistry.load import host_platform, make_preload_service
 from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.store import BlobStore, CacheUnusable
@@ -482,7 +482,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     swept = store.prepare()
     index_path = os.path.join(config.image_path, "index.db")
     new_index = not os.path.exists(index_path)
-    index = Index(index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS)
+    index = Index(SqliteEngine(index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS))
     if new_index:
         _warn_unindexed(index, store, index_path)
     registries = [host_of(api_host(name)) for name in [config.default_ns, *(r.name for r in config.registries)]]
@@ -514,7 +514,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
 
 def _warn_unindexed(index: Index, store: BlobStore, index_path: str) -> None:
     """A new index over files left by an old one (index.db deleted): say how to recover the space."""
-    orphans = len(unindexed(index, store, settle=0.0))
+    orphans = len(index.run_blocking(unindexed, store, settle=0.0))
     if orphans:
         log.warn("The index {index_path} is new, but {orphans} files under blobs/ are named by no row "
                  "(was index.db deleted?). They are never served; 'ociregistry check --repair --image-path "
@@ -596,15 +596,10 @@ def _hand_over(image_path: str, twistd_options: usage.Options | None) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
-def _flush_pulls(index: Index) -> None:
-    try:
-        index.flush_pulls()
-    except Exception:
-        log.failure("Could not record pull times")
+def _flush_pulls(index: Index) -> "Deferred[object]":
+    return index.flush_pulls().addErrback(lambda failure: log.failure("Could not record pull times", failure))
 
 
-def _refresh_metrics(metrics: Metrics, index: Index) -> None:
-    try:
-        metrics.refresh(index)
-    except Exception:
-        log.failure("Could not refresh the cache size metrics")
+def _refresh_metrics(metrics: Metrics, index: Index) -> "Deferred[object]":
+    return Deferred.fromCoroutine(metrics.refresh(index)).addErrback(
+        lambda failure: log.failure("Could not refresh the cache size metrics", failure))

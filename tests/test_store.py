@@ -11,8 +11,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.index import Index, Reference, migrations
+from ociregistry.index import Index, Reference, SqliteEngine, migrations
 from ociregistry.store import BlobStore, DigestMismatch, SizeExceeded
+from tests.fakes import connection_of
 
 
 def inline(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -72,8 +73,9 @@ class IndexTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.path = self.mktemp()
-        self.index = Index(self.path, self.clock)
-        self.addCleanup(self.index.close)
+        self.server = Index(SqliteEngine(self.path, self.clock))
+        self.addCleanup(self.server.close)
+        self.index = connection_of(self.server)
 
     def test_schema_version(self) -> None:
         """A new database is at the newest schema version, in WAL mode."""
@@ -111,11 +113,11 @@ class IndexTests(SynchronousTestCase):
         digest = "sha256:" + "f" * 64
         self.index.record_manifest(digest, "m", 1, "r", "x", [])
         self.clock.advance(3600)
-        self.index.record_pull(digest)
+        self.server.record_pull(digest)
         record = self.index.manifest(digest)
         assert record is not None
         self.assertEqual(record.pulled, "2023-11-14T22:13:20Z")
-        self.assertEqual(self.index.flush_pulls(), 1)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 1)
         record = self.index.manifest(digest)
         assert record is not None
         self.assertEqual(record.pulled, "2023-11-14T23:13:20Z")
