@@ -18,7 +18,7 @@ from twisted.python import usage
 from ociregistry import __version__
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
 from ociregistry.downloads import BlobDownload
-from ociregistry.index import CachedImage, Index, IndexConnection, SqliteEngine
+from ociregistry.index import CachedImage, Index, IndexConnection, SqliteEngine, index_engine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from ociregistry.metrics import Metrics
@@ -71,6 +71,12 @@ def _index(args: argparse.Namespace, writable: bool) -> IndexConnection:
     from twisted.internet import reactor
 
     path = os.path.join(_image_path(args), "index.db")
+    url = getattr(args, "index_url", None) or _settings(args).index_url
+    if url is not None:
+        try:
+            return index_engine(url, path, reactor).connect()
+        except CacheUnusable as e:
+            raise CommandError(str(e)) from None
     if not os.path.isfile(path):
         raise CommandError(f"no cache at {os.path.dirname(path)} (no index.db); give --image-path")
     try:
@@ -145,7 +151,7 @@ class Progress:
 def cmd_load(args: argparse.Namespace) -> int:
     """Fill the cache from image lists and tarballs."""
     options = Options()
-    options.update({"image-path": args.image_path, "default-ns": args.default_ns,
+    options.update({"image-path": args.image_path, "index-url": args.index_url, "default-ns": args.default_ns,
                     "pull-timeout": args.pull_timeout})
     try:
         config = build_config(options, _settings(args))
@@ -302,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--image-path", help=f"where the cache lives [default: {DEFAULT_IMAGE_PATH}]")
     cache.add_argument("--config-file", help="the server's YAML configuration (imagePath, registries, ...)")
+    cache.add_argument("--index-url", help="the PostgreSQL index the replicas share [index.postgresql]")
 
     load = commands.add_parser("load", parents=[cache], help="fill the cache from image lists and tarballs",
                                description="Fill the cache from image lists (one reference a line, # for "

@@ -326,6 +326,22 @@ class SqliteEngine(Engine):
             self._own = None
 
 
+def index_engine(url: str | None, path: str, clock: IReactorTime, busy_timeout: float = 5.0,
+                 read_only: bool = False) -> Engine:
+    """The engine of a configuration: PostgreSQL at ``url`` when given, else sqlite at ``path``."""
+    if url is None:
+        return SqliteEngine(path, clock, busy_timeout, read_only)
+    # Imported only here: the embedded default never loads the driver.
+    from ociregistry.postgres import PostgresEngine
+
+    return PostgresEngine(url, clock)
+
+
+def masked_url(url: str) -> str:
+    """A database URL without its password, to show."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
 class Index:
     """The index as the server uses it: each question or fact answers with a Deferred; pull times are batched.
 
