@@ -448,20 +448,21 @@ class Index:
         return count
 
     def _pulls_kept(self, failure: Failure, pulls: dict[str, float]) -> int | Failure:
-        if not failure.check(OCIError):
+        error = failure.value
+        if not isinstance(error, OCIError):
             return failure
         for digest, when in pulls.items():
             self._pulls[digest] = max(when, self._pulls.get(digest, when))
         if not self._pulls_failing:
             self._pulls_failing = True
-            log.warn("Pull times are kept in memory until they can be written: {why}", why=failure.value.message)
+            log.warn("Pull times are kept in memory until they can be written: {why}", why=error.message)
         return 0
 
     def close(self) -> "Deferred[None]":
         """Write pending pull times and close the database."""
-        def closed(result: object) -> object:
+        def closed(result: int | Failure) -> None | Failure:
             self.engine.close()
-            return None if not isinstance(result, Failure) else result
+            return result if isinstance(result, Failure) else None
 
         return self.flush_pulls().addBoth(closed)
 
@@ -564,7 +565,7 @@ class IndexConnection:
                 " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
                 (registry, repository, tag, self._now(), digest),
             )
-        return cursor.rowcount > 0
+        return bool(cursor.rowcount > 0)
 
     def references(self, digest: str) -> list[Reference]:
         """What a cached manifest refers to."""

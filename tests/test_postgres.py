@@ -15,11 +15,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from ociregistry.index import Index, IndexConnection, IndexUnavailable, Reference
 from ociregistry.postgres import PostgresEngine
 from ociregistry.store import CacheUnusable
+from ociregistry.tap import Options, build_config
 from tests.postgres_service import cluster, fresh_database
 from tests.realparts import (
     PROJECT_ROOT, WorkspaceTestCase, build_oci_index, free_port, http_request, push, skopeo_copy_all, start_registry,
     start_server, twistd_command,
 )
+from tests.test_config import _Files
 from tests.test_load import run_cli
 from tests.test_store import IndexCases
 
@@ -82,7 +84,7 @@ class PostgresEngineTests(WorkspaceTestCase):
         self.assertIsNone(index.readable())
 
     async def test_list_and_prune_from_the_cli(self) -> None:
-        """`ociregistry list` and `prune` with --config-file naming index.postgresql work on the shared index."""
+        """`ociregistry list`, `prune` (dry, then real) and `check` work on the shared index, by config file or URL."""
         url = fresh_database(self)
         connection = PostgresEngine(url, reactor).connect()
         fill(connection)
@@ -94,6 +96,12 @@ class PostgresEngineTests(WorkspaceTestCase):
         self.assertEqual(listed.returncode, 0, listed.stderr)
         self.assertIn("quay.io/team/app", listed.stdout)
         self.assertIn("v1", listed.stdout)
+        dry = await run_cli("prune", "--index-url", url, "--image-path", self.path("cache"),
+                            "--pattern", "team/app", "--dry-run")
+        self.assertEqual(dry.returncode, 0, dry.stderr)
+        self.assertIn("would remove 1 images, 1 manifests, 1 blobs", dry.stdout)
+        checked = await run_cli("check", "--index-url", url, "--image-path", self.path("cache"))
+        self.assertIn("2 objects checked", checked.stdout)
         pruned = await run_cli("prune", "--index-url", url, "--image-path", self.path("cache"),
                                "--pattern", "team/app")
         self.assertEqual(pruned.returncode, 0, pruned.stderr)
@@ -146,7 +154,7 @@ class PostgresServerTests(WorkspaceTestCase):
         config = self.path("config.yaml")
         with open(config, "w") as f:
             json.dump({"registries": [{"name": registry.host, "scheme": "http"}], "index": {"postgresql": url}}, f)
-        server = await start_server(self.path("cache"), test=self, args=("--config-file", config))
+        server = await start_server(self.path("cache"), test=self, args=("--config-file", config, "--admin-listen", "none"))
         pulled = await skopeo_copy_all(f"{server.host}/{registry.host}/team/app:v1", self.path("pulled"))
         self.assertEqual((pulled.digest, pulled.manifests, pulled.blobs), (image.digest, image.manifests, image.blobs))
         self.assertFalse(os.path.exists(self.path("cache/index.db")))
@@ -170,3 +178,26 @@ class PostgresServerTests(WorkspaceTestCase):
         response, body = await http_request("GET", manifest)
         self.assertEqual(response.code, 200, body)
         self.assertNotIn("Traceback", server.log_text())
+
+
+class IndexConfigTests(_Files):
+    """The ``index`` key of the configuration file, and --index-url."""
+
+    def test_postgresql_url(self) -> None:
+        """index.postgresql is the URL; its password is masked in --print-config; --index-url wins."""
+        settings = self.load('index:\n  postgresql: "postgresql://ociregistry:pw@db.internal:5432/cache"\n')
+        self.assertEqual(settings.index_url, "postgresql://ociregistry:pw@db.internal:5432/cache")
+        options = Options()
+        options.parseOptions(["--config-file", self.path])
+        config = build_config(options, settings)
+        self.assertEqual(config.masked()["index_url"], "postgresql://ociregistry:***@db.internal:5432/cache")
+        options = Options()
+        options.parseOptions(["--config-file", self.path, "--index-url", "postgresql://other/db"])
+        self.assertEqual(build_config(options, settings).index_url, "postgresql://other/db")
+        self.assertIsNone(self.load("index: {}\n").index_url)
+
+    def test_bad_index_settings(self) -> None:
+        """A misspelt key under index is named with a suggestion; a URL of another kind is refused."""
+        self.assertIn("index.postgres: unknown key (did you mean 'postgresql'?)",
+                      self.error('index:\n  postgres: "postgresql://db/x"\n'))
+        self.assertIn("expected a URL like postgresql://", self.error('index:\n  postgresql: "mysql://db/x"\n'))
