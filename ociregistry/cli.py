@@ -18,7 +18,8 @@ from twisted.python import usage
 from ociregistry import __version__
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
 from ociregistry.downloads import BlobDownload
-from ociregistry.index import CachedImage, Index, IndexConnection, SqliteEngine, index_engine
+from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from ociregistry.metrics import Metrics

@@ -6,7 +6,7 @@ read it with ``sqlite3`` or ``psql`` (see README).
 
 Every question and fact is written once, as a method of IndexConnection over
 one DB-API connection, in SQL with ``?`` placeholders that an engine rewrites
-when its driver wants another style.  The engine (sqlite here, PostgreSQL in
+when its driver wants another style.  The engine (ociregistry/sqlite.py,
 ociregistry/postgres.py) decides where that work runs:
 
 - ``Index.run``: the server's short lookups and writes.  sqlite runs them
@@ -19,23 +19,19 @@ ociregistry/postgres.py) decides where that work runs:
 
 from __future__ import annotations
 
-import os
 import re
-import sqlite3
 import time
-import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable, Concatenate, ContextManager, Iterable, Iterator, ParamSpec, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ociregistry.errors import OCIError
-from ociregistry.store import CacheUnusable, StorageFull
 
 if TYPE_CHECKING:
     from ociregistry.store import BlobStore
@@ -51,7 +47,7 @@ BATCH_SECONDS = 0.02
 # How often a write waiting for another connection's lock tries again.  sqlite's
 # own busy handler backs off to 100 ms, so a waiter would miss the short gaps
 # between a prune's transactions and wait for the whole prune.
-_LOCK_POLL_SECONDS = 0.001
+LOCK_POLL_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -176,162 +172,14 @@ class Engine:
         """Close every connection."""
 
 
-class SqliteEngine(Engine):
-    """The embedded index: one file, ``index.db`` under the image path.
-
-    The server's short statements run inline on one connection; its
-    ``busy_timeout`` is how long a write waits for another process's write
-    lock before it fails with IndexBusy (503).
-    """
-
-    name = "sqlite"
-    errors = (sqlite3.Error,)
-
-    def __init__(self, path: str, clock: IReactorTime, busy_timeout: float = 5.0, read_only: bool = False) -> None:
-        self.path = path
-        self.clock = clock
-        self.busy_timeout = busy_timeout
-        self.read_only = read_only
-        self._own: IndexConnection | None = None
-
-    def connect(self) -> "IndexConnection":
-        """A connection of its own: the schema is migrated first, unless opened read-only."""
-        if self.read_only:
-            return IndexConnection(self, self._open_read_only())
-        try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            # WAL with NORMAL is crash-safe; only the last commits may be lost on power loss,
-            # and content files are synced before any row names them.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            # Writes wait in begin(); this only covers reads in sqlite's rare busy moments.
-            db.execute("PRAGMA busy_timeout=1")
-            connection = IndexConnection(self, db)
-            connection.migrate()
-        except sqlite3.DatabaseError as e:
-            raise _unusable(self.path, e) from None
-        return connection
-
-    def _open_read_only(self) -> sqlite3.Connection:
-        """An existing index for reading only, so that it works on a read-only image path."""
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"no cache index at {self.path}")
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        try:
-            try:
-                (version,) = db.execute("PRAGMA user_version").fetchone()
-            except sqlite3.OperationalError:
-                # A WAL database in a directory we cannot write: nobody can be writing it either.
-                db.close()
-                db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None,
-                                     check_same_thread=False)
-                (version,) = db.execute("PRAGMA user_version").fetchone()
-        except sqlite3.DatabaseError as e:
-            db.close()
-            raise _unusable(self.path, e) from None
-        if version < migrations(self.name)[-1][0]:
-            db.close()
-            raise sqlite3.OperationalError(
-                f"{self.path} has schema version {version}; open it writable once to upgrade it")
-        return db
-
-    def migrate(self, db: sqlite3.Connection) -> int:
-        """Apply every schema file newer than the database in a transaction each; returns the version."""
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        for number, sql in migrations(self.name):
-            if number > version:
-                db.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version={number};\nCOMMIT;")
-                version = number
-        return int(version)
-
-    def begin(self, db: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, waiting up to ``busy_timeout`` for another connection's write lock, trying every millisecond."""
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if _primary(e) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(_LOCK_POLL_SECONDS)
-
-    def in_transaction(self, db: sqlite3.Connection) -> bool:
-        """Whether the connection is inside a transaction (sqlite ends one by itself after some errors)."""
-        return db.in_transaction
-
-    def write_error(self, error: Exception) -> Exception | None:
-        """sqlite's full disk and lock timeouts as the errors clients get (507, 503)."""
-        if isinstance(error, sqlite3.OperationalError):
-            if _primary(error) == sqlite3.SQLITE_FULL:
-                return StorageFull(f"the index cannot grow: {error}")
-            if _primary(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return IndexBusy()
-        return None
-
-    @contextmanager
-    def trial(self, connection: "IndexConnection") -> Iterator["IndexConnection"]:
-        """An in-memory copy of the index: the server's writes never wait for a dry run."""
-        copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        connection.raw.backup(copy)
-        copy.execute("PRAGMA foreign_keys=ON")
-        try:
-            yield IndexConnection(self, copy)
-        finally:
-            copy.close()
-
-    def start(self) -> None:
-        """Open (creating or migrating) the index file for the reactor's short statements."""
-        self._own = self.connect()
-
-    def short(self, interaction: Callable[Concatenate["IndexConnection", P], T],
-              *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
-        """Inline on the reactor's connection: indexed lookups take microseconds, less than a thread hop."""
-        try:
-            return succeed(interaction(self.connection, *args, **kwargs))
-        except Exception:
-            return fail()
-
-    def long(self, work: Callable[["IndexConnection"], T], to_thread: ToThread) -> "Deferred[T]":
-        """On ``to_thread``, with a connection of its own that waits the default time for the lock."""
-        def run() -> T:
-            own = SqliteEngine(self.path, self.clock, read_only=self.read_only).connect()
-            try:
-                return work(own)
-            finally:
-                own.close()
-
-        result: Deferred[T] = to_thread(run)
-        return result
-
-    def blocking(self, interaction: Callable[Concatenate["IndexConnection", P], T],
-                 *args: P.args, **kwargs: P.kwargs) -> T:
-        """On the reactor's connection, at once."""
-        return interaction(self.connection, *args, **kwargs)
-
-    @property
-    def connection(self) -> "IndexConnection":
-        """The connection the reactor's short work uses, opened at first use."""
-        if self._own is None:
-            self.start()
-        assert self._own is not None
-        return self._own
-
-    def close(self) -> None:
-        """Close the reactor's connection."""
-        if self._own is not None:
-            self._own.close()
-            self._own = None
-
-
 def index_engine(url: str | None, path: str, clock: IReactorTime, busy_timeout: float = 5.0,
                  read_only: bool = False) -> Engine:
     """The engine of a configuration: PostgreSQL at ``url`` when given, else sqlite at ``path``."""
+    # Imported here: the engines build on this module, and the embedded default never loads the driver.
     if url is None:
+        from ociregistry.sqlite import SqliteEngine
+
         return SqliteEngine(path, clock, busy_timeout, read_only)
-    # Imported only here: the embedded default never loads the driver.
     from ociregistry.postgres import PostgresEngine
 
     return PostgresEngine(url, clock)
@@ -484,10 +332,6 @@ class IndexConnection:
     def raw(self) -> Any:
         """The driver's connection."""
         return self._db
-
-    def reopen(self) -> "IndexConnection":
-        """Another connection to the same database, for work on a thread of its own."""
-        return self._engine.connect()
 
     def migrate(self) -> int:
         """Apply every schema file newer than the database; returns the version."""
@@ -747,7 +591,7 @@ class IndexConnection:
             if finished:
                 return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
             # A gap between transactions, for a writer that waits for the lock.
-            time.sleep(_LOCK_POLL_SECONDS * 2)
+            time.sleep(LOCK_POLL_SECONDS * 2)
 
     def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
                       doomed: set[str]) -> int:
@@ -850,23 +694,6 @@ class _Transaction:
         # sqlite rolls back by itself after some errors (a full disk among them).
         if self._engine.in_transaction(self._db):
             self._db.execute("ROLLBACK")
-
-
-def _primary(error: sqlite3.Error) -> int:
-    """sqlite's primary result code of an error (without the extended part)."""
-    return int(getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF
-
-
-def _unusable(path: str, error: sqlite3.DatabaseError) -> CacheUnusable:
-    """A start-up error naming what is wrong with the index file and what to do."""
-    code = _primary(error)
-    if code == sqlite3.SQLITE_NOTADB:
-        return CacheUnusable(
-            f"{path} is not an sqlite database ({error}): move it aside to start with an empty index, "
-            "then run 'ociregistry check --repair' to remove the files it no longer names")
-    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-        return CacheUnusable(f"cannot open {path} for writing ({error}): the image path must be writable")
-    return CacheUnusable(f"cannot use the index {path}: {error}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from ociregistry.config import RegistrySettings
 from ociregistry.errors import OCIError
-from ociregistry.index import Index, IndexConnection, SqliteEngine
+from ociregistry.index import Index, IndexConnection
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.upstream import UpstreamNotFound
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

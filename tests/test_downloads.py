@@ -11,7 +11,8 @@ from ociregistry.cache import Cache, Manifest
 from ociregistry.downloads import BlobSource, Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import Upstream as Where
-from ociregistry.index import Index, SqliteEngine
+from ociregistry.index import Index
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.metrics import Metrics
 from ociregistry.store import BlobStore
 from tests.fakes import Behaviour, FakeRegistry, StubUpstream, connection_of, digest_of, make_image

@@ -354,7 +354,8 @@ class GoCacheImportTests(TestCase):
         image_path = os.path.join(base, "cache")
         store = threaded_store(image_path, reactor)
         store.prepare()
-        from ociregistry.index import Index, SqliteEngine
+        from ociregistry.index import Index
+        from ociregistry.sqlite import SqliteEngine
 
         server = Index(SqliteEngine(os.path.join(image_path, "index.db"), reactor))
         self.addCleanup(server.close)

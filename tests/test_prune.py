@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ociregistry.config import PruneSettings, RegistrySettings
-from ociregistry.index import Index, SqliteEngine, utc
+from ociregistry.index import Index, utc
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.manifests import describe
 from ociregistry.prune import Criteria, check, criteria_for, make_prune_service, parse_cutoff, prune
 from ociregistry.store import BlobStore

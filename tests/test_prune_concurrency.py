@@ -15,7 +15,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ociregistry.admin import admin_site
-from ociregistry.index import IndexConnection, SqliteEngine
+from ociregistry.index import IndexConnection
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.prune import Criteria, check, prune
 from ociregistry.store import BlobStore
 from tests.fakes import listen, make_image

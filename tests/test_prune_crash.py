@@ -15,7 +15,7 @@ import time
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from ociregistry.index import SqliteEngine
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.manifests import describe
 from tests.fakes import OCI_MANIFEST, make_image
 from tests.realparts import LONG_RUN, PROJECT_ROOT, WorkspaceTestCase, cache_problems, sleep

@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.index import Index, IndexConnection, Reference, SqliteEngine, migrations
+from ociregistry.index import Index, IndexConnection, Reference, migrations
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import BlobStore, DigestMismatch, SizeExceeded
 from tests.fakes import connection_of
 

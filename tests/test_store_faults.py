@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ociregistry import index as index_module
-from ociregistry.index import Index, IndexBusy, SqliteEngine
+from ociregistry.index import Index, IndexBusy
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import MINIMUM_FREE, BlobStore, StorageFull
 from tests.fakes import connection_of
 from tests.test_store import digest_of, inline
