@@ -6,6 +6,7 @@ import json
 import os
 import threading
 
+from psycopg import errors
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -121,6 +122,27 @@ class PostgresEngineTests(WorkspaceTestCase):
         self.assertEqual(code, 1, output)
         self.assertEqual(len(lines), 1, output)
         self.assertIn("cannot use the PostgreSQL index at", lines[0])
+
+    async def test_lost_races_and_connections_are_retried(self) -> None:
+        """A serialization failure or deadlock is tried again; a connection the database dropped is replaced unseen."""
+        url = fresh_database(self)
+        index = Index(PostgresEngine(url, reactor))
+        self.addCleanup(index.close)
+        await index.record_blob(LAYER.child, LAYER.size)
+        failures = [errors.SerializationFailure("could not serialize access"), errors.DeadlockDetected("deadlock")]
+
+        def racing(db: IndexConnection) -> int | None:
+            if failures:
+                raise failures.pop()
+            return db.blob_size(LAYER.child)
+
+        self.assertEqual(await index.run(racing), LAYER.size)
+        self.assertEqual(failures, [])
+        dropped = cluster().admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                  f" WHERE datname = '{url.rpartition('/')[2]}'")
+        self.assertTrue(dropped)
+        self.assertEqual(await index.blob_size(LAYER.child), LAYER.size)
+        self.assertIsNone(index.readable())
 
     async def test_database_restarted(self) -> None:
         """While the database is down calls fail with a 503 and /health says why; afterwards it recovers by itself."""
