@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ociregistry.config import PruneSettings, parse_duration, parse_size
-from ociregistry.index import CachedImage, Index
+from ociregistry.index import CachedImage, Index, IndexConnection
 from ociregistry.manifests import IMAGE_TYPES
 from ociregistry.prune import (
     ToThread,
@@ -127,7 +127,7 @@ class AdminAPI(Resource):
             return NOT_DONE_YET
         return _body(request, query, answer)
 
-    def _on_thread(self, work: Callable[[Index], tuple[str, Any]]) -> "Deferred[tuple[str, Any]]":
+    def _on_thread(self, work: Callable[[IndexConnection], tuple[str, Any]]) -> "Deferred[tuple[str, Any]]":
         """Work that reads or prunes the whole index, on a thread with a connection of its own."""
         return on_own_connection(self._index, self._to_thread, work)
 
@@ -164,7 +164,7 @@ class AdminAPI(Resource):
         given = request.getHeader(b"authorization") or b""
         return hmac.compare_digest(given, b"Bearer " + self._token.encode("utf-8"))
 
-    def _images(self, index: Index, query: dict[str, str]) -> list[CachedImage]:
+    def _images(self, index: IndexConnection, query: dict[str, str]) -> list[CachedImage]:
         images = index.cached_images(every_manifest=True)
         if "pattern" in query:
             patterns = _parameter(parse_patterns, query["pattern"], "pattern")
@@ -175,7 +175,7 @@ class AdminAPI(Resource):
         count = _count(query)
         _check_pattern(query)
 
-        def listing(index: Index) -> tuple[str, Any]:
+        def listing(index: IndexConnection) -> tuple[str, Any]:
             images = self._images(index, query)[:count]
             if not images:
                 return "no manifests found\n", []
@@ -189,7 +189,7 @@ class AdminAPI(Resource):
         count = _count(query)
         _check_pattern(query)
 
-        def listing(index: Index) -> tuple[str, Any]:
+        def listing(index: IndexConnection) -> tuple[str, Any]:
             images = [i for i in self._images(index, query) if i.media_type in IMAGE_TYPES]
             with_blobs = [(i, [r.child for r in index.references(i.digest) if r.kind != "manifest"])
                           for i in images]
@@ -210,7 +210,7 @@ class AdminAPI(Resource):
     def _blob_list(self, query: dict[str, str]) -> Answer:
         count = _count(query)
 
-        def listing(index: Index) -> tuple[str, Any]:
+        def listing(index: IndexConnection) -> tuple[str, Any]:
             blobs = index.blob_refcounts(query.get("substr", ""))[:count]
             if not blobs:
                 return "no blobs found\n", []
@@ -238,7 +238,7 @@ class AdminAPI(Resource):
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
-        def pruning(index: Index) -> tuple[list[str], Any]:
+        def pruning(index: IndexConnection) -> tuple[list[str], Any]:
             removal = prune(index, self._store, criteria, dry_run)
             return describe_removal(removal, dry_run), {
                 "dryRun": dry_run,

@@ -22,7 +22,7 @@ from ociregistry.downloads import BlobSource, Downloads, StoredBlob
 from ociregistry.errors import OCIError, blob_unknown, manifest_unknown, name_unknown
 from ociregistry.grammar import Upstream as Where
 from ociregistry.grammar import check_digest, is_digest
-from ociregistry.index import Index, ManifestRecord, utc
+from ociregistry.index import Index, IndexConnection, ManifestRecord, utc
 from ociregistry.inflight import InFlight
 from ociregistry.manifests import IMAGE_TYPES, describe
 from ociregistry.store import BlobStore
@@ -144,11 +144,11 @@ class Cache:
         self._upstream.stop_retrying()
         await self._downloads.close()
         await self._upstream.close()
-        self._index.close()
+        await self._index.close()
 
     def totals(self) -> tuple[int, int, int]:
-        """Cached manifests, blobs, and their bytes on disk."""
-        return self._index.totals()
+        """Cached manifests, blobs, and their bytes on disk (waiting for the index: for start-up)."""
+        return self._index.run_blocking(IndexConnection.totals)
 
     def downloading(self) -> int:
         """How many blob downloads are in progress."""
@@ -161,7 +161,7 @@ class Cache:
     async def manifest(self, where: Where, reference: str) -> Manifest:
         """A manifest by tag or digest, fetched and stored on a miss, revalidated when stale."""
         if is_digest(reference):
-            found = self._cached_manifest(self._index.manifest(reference))
+            found = await self._cached_manifest(await self._index.manifest(reference))
             if found is None:
                 found = await self._fetch(where, reference)
         else:
@@ -170,8 +170,8 @@ class Cache:
         return found
 
     async def _tagged(self, where: Where, tag: str) -> Manifest:
-        found = self._index.tag(where.registry, where.repository, tag)
-        cached = self._cached_manifest(found[0] if found else None)
+        found = await self._index.tag(where.registry, where.repository, tag)
+        cached = await self._cached_manifest(found[0] if found else None)
         if cached is not None and found and (self._freshness.air_gapped or self._fresh(where, tag, found[1])):
             return cached
         if self._freshness.air_gapped:
@@ -227,17 +227,17 @@ class Cache:
         if cached is not None and digest == cached.record.digest:
             found: Manifest | None = cached
         else:
-            found = self._cached_manifest(self._index.manifest(digest))
-        if found is None or not self._index.point_tag(where.registry, where.repository, tag, digest):
+            found = await self._cached_manifest(await self._index.manifest(digest))
+        if found is None or not await self._index.point_tag(where.registry, where.repository, tag, digest):
             found = await self._fetch(where, digest, tag)
             # A fetch joined by digest may have recorded no tag.  Should a prune take the
             # manifest yet again, the answer stands and the tag is recorded on the next pull.
-            self._index.point_tag(where.registry, where.repository, tag, digest)
+            await self._index.point_tag(where.registry, where.repository, tag, digest)
         if cached is not None and digest != cached.record.digest:
             log.info("Tag {tag} of {where} moved to {digest}", tag=tag, where=str(where), digest=digest)
         return found
 
-    def _cached_manifest(self, record: ManifestRecord | None) -> Manifest | None:
+    async def _cached_manifest(self, record: ManifestRecord | None) -> Manifest | None:
         if record is None:
             return None
         content = self._contents.get(record.digest)
@@ -245,7 +245,7 @@ class Cache:
             content = self._store.read(record.digest)
             if content is None or len(content) != record.size:
                 log.warn("Cached manifest {digest} is missing on disk; fetching it again", digest=record.digest)
-                self._index.forget_manifest(record.digest)
+                await self._index.forget_manifest(record.digest)
                 return None
             self._contents.put(record.digest, content)
         log.debug("Serving manifest {digest} from cache", digest=record.digest)
@@ -274,11 +274,11 @@ class Cache:
         if header_digest and header_digest.startswith(f"{algorithm}:") and header_digest != digest:
             raise OCIError(502, "DIGEST_INVALID", f"upstream's Docker-Content-Digest {header_digest} does not match its manifest")
         media_type, references = describe(content, content_type, f"upstream {where.registry}")
-        if self._index.manifest(digest) is None:
+        if await self._index.manifest(digest) is None:
             writer = self._store.begin(digest)
             writer.write(content)
             await writer.commit()
-        record = self._index.record_manifest(
+        record = await self._index.record_manifest(
             digest, media_type, len(content), where.registry, where.repository, references, tag=tag
         )
         if media_type in IMAGE_TYPES:
@@ -286,10 +286,10 @@ class Cache:
         self._contents.put(digest, content)
         return Manifest(record, content, "miss")
 
-    def _stored_blob(self, digest: str) -> StoredBlob | None:
-        size = self._index.blob_size(digest)
+    async def _stored_blob(self, digest: str) -> StoredBlob | None:
+        size = await self._index.blob_size(digest)
         if size is None:
-            manifest = self._index.manifest(digest)
+            manifest = await self._index.manifest(digest)
             if manifest is None:
                 return None
             size = manifest.size
@@ -297,13 +297,13 @@ class Cache:
             fd = os.open(self._store.path_for(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             log.warn("Cached blob {digest} is missing on disk; fetching it again", digest=digest)
-            self._index.forget_blob(digest)
+            await self._index.forget_blob(digest)
             return None
         return StoredBlob(digest, size, fd)
 
     async def blob(self, where: Where, digest: str) -> BlobSource:
         """A blob to stream: on disk, or a download (joined or started) that has begun."""
-        stored = self._stored_blob(digest)
+        stored = await self._stored_blob(digest)
         if stored is not None:
             return stored
         if self._freshness.air_gapped:
@@ -314,14 +314,14 @@ class Cache:
 
     async def blob_size(self, where: Where, digest: str) -> int | None:
         """A blob's size for HEAD, asking upstream without downloading when not cached."""
-        size = self._index.blob_size(digest)
+        size = await self._index.blob_size(digest)
         if size is not None:
             return size
         download = self._downloads.running(where.registry, digest)
         if download is not None and download.started.fired:
             await download.started.observe()
             return download.size
-        manifest = self._index.manifest(digest)
+        manifest = await self._index.manifest(digest)
         if manifest is not None:
             return manifest.size
         if self._freshness.air_gapped:
@@ -338,7 +338,7 @@ class Cache:
     async def tags(self, where: Where, query: dict[str, str]) -> tuple[list[str], bool]:
         """The tag list: from upstream when reachable, else the cached tags."""
         if self._freshness.air_gapped:
-            tags = self._index.tags(where.registry, where.repository)
+            tags = await self._index.tags(where.registry, where.repository)
             if not tags:
                 raise air_gapped_error(name_unknown(where.repository))
             return _page(tags, query)
@@ -347,7 +347,7 @@ class Cache:
         except UpstreamNotFound:
             raise name_unknown(where.repository)
         except OCIError as e:
-            tags = self._index.tags(where.registry, where.repository)
+            tags = await self._index.tags(where.registry, where.repository)
             if e.status < 500 and e.status != 429 or not tags:
                 raise
             log.info("Upstream {registry} unavailable; listing cached tags", registry=where.registry)

@@ -18,7 +18,8 @@ from twisted.python import usage
 from ociregistry import __version__
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
 from ociregistry.downloads import BlobDownload
-from ociregistry.index import CachedImage, Index
+from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from ociregistry.metrics import Metrics
@@ -67,14 +68,20 @@ def _image_path(args: argparse.Namespace) -> str:
     return os.path.abspath(args.image_path or _settings(args).image_path or DEFAULT_IMAGE_PATH)
 
 
-def _index(args: argparse.Namespace, writable: bool) -> Index:
+def _index(args: argparse.Namespace, writable: bool) -> IndexConnection:
     from twisted.internet import reactor
 
     path = os.path.join(_image_path(args), "index.db")
+    url = getattr(args, "index_url", None) or _settings(args).index_url
+    if url is not None:
+        try:
+            return index_engine(url, path, reactor).connect()
+        except CacheUnusable as e:
+            raise CommandError(str(e)) from None
     if not os.path.isfile(path):
         raise CommandError(f"no cache at {os.path.dirname(path)} (no index.db); give --image-path")
     try:
-        return Index(path, reactor) if writable else Index.read_only(path, reactor)
+        return SqliteEngine(path, reactor, read_only=not writable).connect()
     except CacheUnusable as e:
         raise CommandError(str(e)) from None
     except sqlite3.Error as e:
@@ -145,7 +152,7 @@ class Progress:
 def cmd_load(args: argparse.Namespace) -> int:
     """Fill the cache from image lists and tarballs."""
     options = Options()
-    options.update({"image-path": args.image_path, "default-ns": args.default_ns,
+    options.update({"image-path": args.image_path, "index-url": args.index_url, "default-ns": args.default_ns,
                     "pull-timeout": args.pull_timeout})
     try:
         config = build_config(options, _settings(args))
@@ -187,14 +194,14 @@ def cmd_import_go_cache(args: argparse.Namespace) -> int:
     async def work(reactor: Any) -> None:
         store = threaded_store(image_path, reactor)
         store.prepare()
-        index = Index(os.path.join(image_path, "index.db"), reactor)
+        index = Index(SqliteEngine(os.path.join(image_path, "index.db"), reactor))
         try:
             loaded, problems = await Importer(index, store).import_go_cache(args.source)
         except LoadError as e:
             print(f"ociregistry import-go-cache: {e}", file=sys.stderr)
             raise SystemExit(1)
         finally:
-            index.close()
+            await index.close()
         for item in loaded:
             print(f"imported {item.name} {item.digest} ({item.blobs} blobs)")
         for problem in problems:
@@ -302,6 +309,7 @@ def parser() -> argparse.ArgumentParser:
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--image-path", help=f"where the cache lives [default: {DEFAULT_IMAGE_PATH}]")
     cache.add_argument("--config-file", help="the server's YAML configuration (imagePath, registries, ...)")
+    cache.add_argument("--index-url", help="the PostgreSQL index the replicas share [index.postgresql]")
 
     load = commands.add_parser("load", parents=[cache], help="fill the cache from image lists and tarballs",
                                description="Fill the cache from image lists (one reference a line, # for "

@@ -27,7 +27,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TOP_KEYS = (
     "imagePath", "logLevel", "logFile", "port", "host", "os", "arch", "pullTimeout", "health",
     "metrics", "alwaysPullLatest", "airGapped", "defaultNs", "preloadImages", "registries",
-    "pruneConfig", "serverTlsConfig", "allowUpstreams", "manifestInvalidation",
+    "pruneConfig", "serverTlsConfig", "allowUpstreams", "manifestInvalidation", "index",
     # Written by the Go server's documented examples; accepted so those files load unchanged.
     "imageFile", "helloWorld", "listConfig", "configFile",
 )
@@ -42,6 +42,7 @@ _AUTH_KEYS = ("user", "password", "passwordFromEnv", "token", "credentialHelper"
 _TLS_KEYS = ("ca", "cert", "key", "insecureSkipVerify")
 _PRUNE_KEYS = ("enabled", "type", "duration", "frequency", "count", "expr", "maxSize", "dryRun")
 _SERVER_TLS_KEYS = ("cert", "key", "ca", "clientAuth")
+_INDEX_KEYS = ("postgresql",)
 
 _LOG_LEVELS = ("error", "warn", "info", "debug")
 _PRUNE_TYPES = ("accessed", "created", "pattern", "size")
@@ -224,6 +225,7 @@ class FileSettings:
     server_tls: ServerTLSSettings | None = None
     allow_upstreams: tuple[str, ...] | None = None
     manifest_ttl: float | None = None
+    index_url: str | None = None
 
 
 def load_config_file(path: str, environ: Mapping[str, str] = os.environ) -> FileSettings:
@@ -539,7 +541,18 @@ class _Reader:
             server_tls=self.server_tls(items.get("serverTlsConfig")),
             allow_upstreams=self.patterns(items.get("allowUpstreams")),
             manifest_ttl=self.duration(items.get("manifestInvalidation"), never=True),
+            index_url=self.index_url(items.get("index")),
         )
+
+    def index_url(self, entry: _Entry | None) -> str | None:
+        """``index.postgresql``: a PostgreSQL connection URL, or None for the embedded sqlite index."""
+        if entry is None or _is_null(entry.node):
+            return None
+        url_entry = self.mapping(entry, _INDEX_KEYS).get("postgresql")
+        url = self.text(url_entry)
+        if url_entry is not None and url is not None and not re.match(r"postgres(ql)?://", url):
+            raise self.bad(url_entry, f"expected a URL like postgresql://user@host:5432/db, got {url!r}")
+        return url
 
     def registries(self, entry: _Entry) -> tuple[RegistrySettings, ...]:
         found: dict[str, str] = {}

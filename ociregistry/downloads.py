@@ -231,13 +231,17 @@ class Downloads:
             log.failure("Prefetch from {registry} failed", result, registry=registry)
 
     def _prefetch_one(self, registry: str, repository: str, digest: str) -> "Deferred[None]":
-        if self._closed or self._index.blob_size(digest) is not None:
-            return succeed(None)
+        return Deferred.fromCoroutine(self._prefetch(registry, repository, digest))
+
+    async def _prefetch(self, registry: str, repository: str, digest: str) -> None:
+        if self._closed or await self._index.blob_size(digest) is not None or self._closed:
+            # (Closed while the index answered, too.)
+            return
         download = self.fetch(registry, repository, digest)
         waiting = download.finished.observe()
         # A failed prefetch is logged by the download; the image is fetched on demand later.
         waiting.addErrback(lambda failure: None)
-        return waiting
+        await waiting
 
     async def _run(self, download: BlobDownload, registry: str, repository: str) -> None:
         digest = download.digest
@@ -257,7 +261,7 @@ class Downloads:
             # If another registry's download of this digest committed first, this commit
             # renames identical verified bytes over its file, and the index keeps one row.
             size = await download.commit()
-            self._index.record_blob(digest, size)
+            await self._index.record_blob(digest, size)
             log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
                      digest=digest, size=size, registry=registry, repository=repository)
         except UpstreamNotFound:

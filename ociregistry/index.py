@@ -1,39 +1,53 @@
-"""The sqlite index: which manifests, tags and blobs the cache holds.
+"""The index: which manifests, tags and blobs the cache holds.
 
 The index is the source of truth at start-up; the files under ``blobs/`` are
 only trusted once a row here names them.  It is a public interface too: users
-read it with ``sqlite3`` (see README).
+read it with ``sqlite3`` or ``psql`` (see README).
+
+Every question and fact is written once, as a method of IndexConnection over
+one DB-API connection, in SQL with ``?`` placeholders that an engine rewrites
+when its driver wants another style.  The engine (ociregistry/sqlite.py,
+ociregistry/postgres.py) decides where that work runs:
+
+- ``Index.run``: the server's short lookups and writes.  sqlite runs them
+  inline on the reactor's own connection (the Deferred has already fired);
+  PostgreSQL on a bounded pool of threads, each with a connection of its own.
+- ``Index.run_long``: whole-index work (listings, prunes) on a thread with a
+  connection of its own, so the reactor never waits for it.
+- ``Index.run_blocking``: on the calling thread, for the CLI and start-up.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import sqlite3
 import time
-import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, ContextManager, Iterable, Iterator, ParamSpec, TypeVar
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ociregistry.errors import OCIError
-from ociregistry.store import CacheUnusable, StorageFull
 
 if TYPE_CHECKING:
     from ociregistry.store import BlobStore
 
 log = Logger()
 
+P = ParamSpec("P")
+T = TypeVar("T")
+ToThread = Callable[..., "Deferred[Any]"]
+
 # A prune's write transaction ends after this long, so that others wait at most that for the lock.
 BATCH_SECONDS = 0.02
 # How often a write waiting for another connection's lock tries again.  sqlite's
 # own busy handler backs off to 100 ms, so a waiter would miss the short gaps
 # between a prune's transactions and wait for the whole prune.
-_LOCK_POLL_SECONDS = 0.001
+LOCK_POLL_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -65,14 +79,22 @@ def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def migrations() -> list[tuple[int, str]]:
-    """The packaged schema files, as (version, SQL) in order."""
-    found = []
-    for entry in resources.files("ociregistry").joinpath("schema").iterdir():
-        match = re.match(r"(\d+)_.*\.sql\Z", entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.read_text("utf-8")))
-    return sorted(found)
+def migrations(engine: str = "sqlite") -> list[tuple[int, str]]:
+    """The packaged schema, as (version, SQL) in order: each shared file, then the engine's own of that number.
+
+    ``schema/NNN_*.sql`` holds what every engine runs alike; ``schema/<engine>/NNN_*.sql``
+    only what differs.
+    """
+    found: dict[int, list[tuple[int, str, str]]] = {}
+    schema = resources.files("ociregistry").joinpath("schema")
+    for order, folder in enumerate([schema, schema.joinpath(engine)]):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            match = re.match(r"(\d+)_.*\.sql\Z", entry.name)
+            if match:
+                found.setdefault(int(match.group(1)), []).append((order, entry.name, entry.read_text("utf-8")))
+    return [(number, "\n".join(sql for _, _, sql in sorted(parts))) for number, parts in sorted(found.items())]
 
 
 class IndexBusy(OCIError):
@@ -82,56 +104,279 @@ class IndexBusy(OCIError):
         super().__init__(503, "UNAVAILABLE", "the cache index is busy (a prune or check is running); retry")
 
 
-class Index:
-    """One sqlite connection, used from one thread at a time with short statements.
+class IndexUnavailable(OCIError):
+    """The index's database cannot be reached; requests that need it are answered 503 until it is back."""
 
-    ``busy_timeout`` is how long a write waits for another process's write
-    lock before it fails with IndexBusy (503); the server's reactor keeps it short.
+    def __init__(self, why: str) -> None:
+        super().__init__(503, "UNAVAILABLE", f"the cache index is unavailable: {why}")
+
+
+class Engine:
+    """What differs between database engines, and where each kind of work runs.  One small subclass each."""
+
+    name = ""
+    # The driver's errors: what a query against a broken database raises.
+    errors: tuple[type[Exception], ...] = ()
+    clock: IReactorTime
+
+    def sql(self, statement: str) -> str:
+        """A statement written with ``?`` placeholders, as this engine's driver takes it."""
+        return statement
+
+    def connect(self) -> "IndexConnection":
+        """A new connection of its own, with the schema up to date."""
+        raise NotImplementedError
+
+    def migrate(self, db: Any) -> int:
+        """Bring a raw connection's database up to the packaged schema; returns the version."""
+        raise NotImplementedError
+
+    def begin(self, db: Any) -> None:
+        """Begin a write transaction on a raw connection."""
+        db.execute("BEGIN")
+
+    def in_transaction(self, db: Any) -> bool:
+        """Whether a raw connection is inside a transaction."""
+        raise NotImplementedError
+
+    def write_error(self, error: Exception) -> Exception | None:
+        """The error clients get for a failed write (507, 503), or None to let it pass."""
+        return None
+
+    def trial(self, connection: "IndexConnection") -> ContextManager["IndexConnection"]:
+        """A connection whose changes are thrown away, to work out what a change would do."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Open what the server's short work uses (raises CacheUnusable when it cannot)."""
+
+    def short(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+              *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
+        """Run a short interaction for the server."""
+        raise NotImplementedError
+
+    def long(self, work: Callable[["IndexConnection"], T], to_thread: ToThread) -> "Deferred[T]":
+        """Run whole-index work off the reactor, with a connection of its own."""
+        raise NotImplementedError
+
+    def blocking(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+                 *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run an interaction on the calling thread and wait for it."""
+        raise NotImplementedError
+
+    def problem(self) -> str | None:
+        """None if the index answers a query, else why not (without waiting on the reactor for long)."""
+        return self.blocking(IndexConnection.readable)
+
+    def close(self) -> None:
+        """Close every connection."""
+
+
+def index_engine(url: str | None, path: str, clock: IReactorTime, busy_timeout: float = 5.0,
+                 read_only: bool = False) -> Engine:
+    """The engine of a configuration: PostgreSQL at ``url`` when given, else sqlite at ``path``."""
+    # Imported here: the engines build on this module, and the embedded default never loads the driver.
+    if url is None:
+        from ociregistry.sqlite import SqliteEngine
+
+        return SqliteEngine(path, clock, busy_timeout, read_only)
+    from ociregistry.postgres import PostgresEngine
+
+    return PostgresEngine(url, clock)
+
+
+def masked_url(url: str) -> str:
+    """A database URL without its password, to show."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+class Index:
+    """The index as the server uses it: each question or fact answers with a Deferred; pull times are batched.
+
+    ``run`` runs any IndexConnection method (or a function of an IndexConnection)
+    where the engine runs short work; ``run_long`` and ``run_blocking`` likewise.
     """
 
-    def __init__(self, path: str, clock: IReactorTime, busy_timeout: float = 5.0) -> None:
-        self.path = path
-        self._clock = clock
-        self._busy_timeout = busy_timeout
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._clock = engine.clock
         self._pulls: dict[str, float] = {}
         self._pulls_failing = False
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL with NORMAL is crash-safe; only the last commits may be lost on power loss,
-            # and content files are synced before any row names them.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # Writes wait in _Transaction; this only covers reads in sqlite's rare busy moments.
-            self._db.execute("PRAGMA busy_timeout=1")
-            self.migrate()
-        except sqlite3.DatabaseError as e:
-            raise _unusable(path, e) from None
+        engine.start()
 
-    def reopen(self) -> "Index":
-        """Another connection to the same database, for work on a thread of its own."""
-        return Index(self.path, self._clock)
+    def run(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+            *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
+        """Run a short interaction where the engine runs the server's work."""
+        return self.engine.short(interaction, *args, **kwargs)
+
+    def run_long(self, work: Callable[["IndexConnection"], T], to_thread: ToThread) -> "Deferred[T]":
+        """Run whole-index work off the reactor with a connection of its own, pull times written first."""
+        return self.flush_pulls().addCallback(lambda _: self.engine.long(work, to_thread))
+
+    def run_blocking(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+                     *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run an interaction on the calling thread (start-up, the CLI), waiting for it."""
+        return self.engine.blocking(interaction, *args, **kwargs)
+
+    def manifest(self, digest: str) -> "Deferred[ManifestRecord | None]":
+        """The cached manifest with this digest, if any."""
+        return self.engine.short(IndexConnection.manifest, digest)
+
+    def tag(self, registry: str, repository: str, tag: str) -> "Deferred[tuple[ManifestRecord, str] | None]":
+        """The manifest a cached tag points at, and when the tag was last confirmed upstream."""
+        return self.engine.short(IndexConnection.tag, registry, repository, tag)
+
+    def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> "Deferred[bool]":
+        """Point a tag at a cached manifest, confirmed now; False if the manifest is not cached (any more)."""
+        return self.engine.short(IndexConnection.point_tag, registry, repository, tag, digest)
+
+    def references(self, digest: str) -> "Deferred[list[Reference]]":
+        """What a cached manifest refers to."""
+        return self.engine.short(IndexConnection.references, digest)
+
+    def record_manifest(self, digest: str, media_type: str, size: int, registry: str, repository: str,
+                        references: Iterable[Reference], tag: str | None = None) -> "Deferred[ManifestRecord]":
+        """Add a verified, stored manifest (and point a tag at it) in one transaction."""
+        return self.engine.short(IndexConnection.record_manifest, digest, media_type, size, registry,
+                                 repository, list(references), tag)
+
+    def tags(self, registry: str, repository: str) -> "Deferred[list[str]]":
+        """The cached tags of a repository, sorted."""
+        return self.engine.short(IndexConnection.tags, registry, repository)
+
+    def blob_size(self, digest: str) -> "Deferred[int | None]":
+        """The size of a cached blob, or None when it is not cached."""
+        return self.engine.short(IndexConnection.blob_size, digest)
+
+    def record_blob(self, digest: str, size: int) -> "Deferred[None]":
+        """Add a verified, stored blob."""
+        return self.engine.short(IndexConnection.record_blob, digest, size)
+
+    def forget_blob(self, digest: str) -> "Deferred[None]":
+        """Drop a blob row whose file has gone, so that it is fetched again."""
+        return self.engine.short(IndexConnection.forget_blob, digest)
+
+    def forget_manifest(self, digest: str) -> "Deferred[None]":
+        """Drop a manifest row (and its tags and references) whose file has gone."""
+        return self.engine.short(IndexConnection.forget_manifest, digest)
+
+    def set_times(self, digest: str, created: str, pulled: str) -> "Deferred[None]":
+        """Set when a manifest entered the cache and was last pulled (for imported caches)."""
+        return self.engine.short(IndexConnection.set_times, digest, created, pulled)
+
+    def totals(self) -> "Deferred[tuple[int, int, int]]":
+        """How many manifests and blobs are cached, and their bytes on disk."""
+        return self.engine.short(IndexConnection.totals)
+
+    def readable(self) -> str | None:
+        """None if the index answers a query, else why not."""
+        return self.engine.problem()
+
+    def record_pull(self, digest: str) -> None:
+        """Note that a client pulled a manifest; written later in a batch."""
+        self._pulls[digest] = self._clock.seconds()
+
+    def flush_pulls(self) -> "Deferred[int]":
+        """Write the pull times noted since the last flush in one transaction; how many.
+
+        When the disk is full or the index busy or unreachable they are kept for
+        the next flush (and that is logged once): serving never depends on them.
+        """
+        pulls, self._pulls = self._pulls, {}
+        if not pulls:
+            return succeed(0)
+        rows = [(utc(when), digest) for digest, when in pulls.items()]
+        return self.engine.short(IndexConnection.write_pulls, rows).addCallbacks(
+            self._pulls_written, self._pulls_kept, callbackArgs=(len(pulls),), errbackArgs=(pulls,))
+
+    def _pulls_written(self, _: None, count: int) -> int:
+        if self._pulls_failing:
+            self._pulls_failing = False
+            log.info("Pull times are written again")
+        return count
+
+    def _pulls_kept(self, failure: Failure, pulls: dict[str, float]) -> int | Failure:
+        error = failure.value
+        if not isinstance(error, OCIError):
+            return failure
+        for digest, when in pulls.items():
+            self._pulls[digest] = max(when, self._pulls.get(digest, when))
+        if not self._pulls_failing:
+            self._pulls_failing = True
+            log.warn("Pull times are kept in memory until they can be written: {why}", why=error.message)
+        return 0
+
+    def close(self) -> "Deferred[None]":
+        """Write pending pull times and close the database."""
+        def closed(result: int | Failure) -> None | Failure:
+            self.engine.close()
+            return result if isinstance(result, Failure) else None
+
+        return self.flush_pulls().addBoth(closed)
+
+
+class IndexConnection:
+    """One connection to the index, used from one thread at a time; every question and fact, blocking.
+
+    Methods that write open a short transaction of their own (joining one
+    already open on this connection), so that any of them can be run as a
+    unit of work by Index.run, Index.run_long or Index.run_blocking.
+    """
+
+    def __init__(self, engine: Engine, db: Any) -> None:
+        self._engine = engine
+        self._db = db
+        self._clock = engine.clock
+
+    @property
+    def raw(self) -> Any:
+        """The driver's connection."""
+        return self._db
 
     def migrate(self) -> int:
         """Apply every schema file newer than the database; returns the version."""
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        for number, sql in migrations():
-            if number > version:
-                self._db.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version={number};\nCOMMIT;")
-                version = number
-        return int(version)
+        return self._engine.migrate(self._db)
 
     def close(self) -> None:
-        """Write pending pull times and close the database."""
-        self.flush_pulls()
+        """Close the connection."""
         self._db.close()
+
+    def trial(self) -> ContextManager["IndexConnection"]:
+        """A connection whose changes are thrown away, to work out what a prune would do."""
+        return self._engine.trial(self)
 
     def _now(self) -> str:
         return utc(self._clock.seconds())
 
+    def _execute(self, statement: str, args: tuple[Any, ...] = ()) -> Any:
+        return self._db.execute(self._engine.sql(statement), args)
+
+    def _executemany(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            self._db.cursor().executemany(self._engine.sql(statement), rows)
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self._engine, self._db)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn the engine's full disk and lock timeouts into the errors clients get (507, 503)."""
+        try:
+            yield
+        except Exception as e:
+            mapped = self._engine.write_error(e)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def write_pulls(self, rows: list[tuple[str, str]]) -> None:
+        """Write pull times, (time, digest), in one transaction."""
+        with self._writing(), self._transaction():
+            self._executemany("UPDATE manifests SET pulled = ? WHERE digest = ?", rows)
+
     def manifest(self, digest: str) -> ManifestRecord | None:
         """The cached manifest with this digest, if any."""
-        row = self._db.execute(
+        row = self._execute(
             "SELECT digest, media_type, size, registry, repository, created, pulled"
             " FROM manifests WHERE digest = ?",
             (digest,),
@@ -145,7 +390,7 @@ class Index:
 
     def tag(self, registry: str, repository: str, tag: str) -> tuple[ManifestRecord, str] | None:
         """The manifest a cached tag points at, and when the tag was last confirmed upstream."""
-        row = self._db.execute(
+        row = self._execute(
             "SELECT m.digest, m.media_type, m.size, m.registry, m.repository, m.created, m.pulled, t.updated"
             " FROM tags t JOIN manifests m ON m.digest = t.digest"
             " WHERE t.registry = ? AND t.repository = ? AND t.tag = ?",
@@ -157,18 +402,18 @@ class Index:
         """Point a tag at a cached manifest, confirmed now; False if the manifest is not cached (any more)."""
         # One statement, so that a prune in between cannot make it a foreign key failure.
         with self._writing(), self._transaction():
-            cursor = self._db.execute(
+            cursor = self._execute(
                 "INSERT INTO tags (registry, repository, tag, digest, updated)"
                 " SELECT ?, ?, ?, digest, ? FROM manifests WHERE digest = ?"
                 " ON CONFLICT (registry, repository, tag)"
                 " DO UPDATE SET digest = excluded.digest, updated = excluded.updated",
                 (registry, repository, tag, self._now(), digest),
             )
-        return cursor.rowcount > 0
+        return bool(cursor.rowcount > 0)
 
     def references(self, digest: str) -> list[Reference]:
         """What a cached manifest refers to."""
-        rows = self._db.execute(
+        rows = self._execute(
             "SELECT child, kind, media_type, size, platform FROM manifest_refs WHERE manifest = ?",
             (digest,),
         )
@@ -187,14 +432,14 @@ class Index:
         """Add a verified, stored manifest (and point a tag at it) in one transaction."""
         now = self._now()
         with self._writing(), self._transaction():
-            self._db.execute(
+            self._execute(
                 "INSERT INTO manifests (digest, media_type, size, registry, repository, created, pulled)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
                 (digest, media_type, size, registry, repository, now, now),
             )
-            self._db.executemany(
-                "INSERT OR IGNORE INTO manifest_refs (manifest, child, kind, media_type, size, platform)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+            self._executemany(
+                "INSERT INTO manifest_refs (manifest, child, kind, media_type, size, platform)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(digest, r.child, r.kind, r.media_type, r.size, r.platform) for r in references],
             )
             if tag is not None:
@@ -206,34 +451,32 @@ class Index:
     def readable(self) -> str | None:
         """None if the index answers a query, else why not."""
         try:
-            self._db.execute("SELECT 1 FROM manifests LIMIT 1").fetchall()
-        except sqlite3.Error as e:
+            self._execute("SELECT 1 FROM manifests LIMIT 1").fetchall()
+        except self._engine.errors as e:
             return f"index is not readable: {e}"
         return None
 
     def totals(self) -> tuple[int, int, int]:
         """How many manifests and blobs are cached, and their bytes on disk."""
-        manifests, manifest_bytes = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM manifests").fetchone()
-        blobs, blob_bytes = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
+        manifests, manifest_bytes = self._execute("SELECT count(*), coalesce(sum(size), 0) FROM manifests").fetchone()
+        blobs, blob_bytes = self._execute("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
         return int(manifests), int(blobs), int(manifest_bytes + blob_bytes)
 
     def tags(self, registry: str, repository: str) -> list[str]:
         """The cached tags of a repository, sorted."""
-        rows = self._db.execute(
-            "SELECT tag FROM tags WHERE registry = ? AND repository = ? ORDER BY tag",
-            (registry, repository),
-        )
-        return [tag for (tag,) in rows]
+        rows = self._execute("SELECT tag FROM tags WHERE registry = ? AND repository = ?", (registry, repository))
+        # Sorted here: a PostgreSQL database's collation may not sort by code point as sqlite does.
+        return sorted(tag for (tag,) in rows)
 
     def blob_size(self, digest: str) -> int | None:
         """The size of a cached blob, or None when it is not cached."""
-        row = self._db.execute("SELECT size FROM blobs WHERE digest = ?", (digest,)).fetchone()
+        row = self._execute("SELECT size FROM blobs WHERE digest = ?", (digest,)).fetchone()
         return int(row[0]) if row else None
 
     def record_blob(self, digest: str, size: int) -> None:
         """Add a verified, stored blob."""
         with self._writing(), self._transaction():
-            self._db.execute(
+            self._execute(
                 "INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
                 (digest, size, self._now()),
             )
@@ -241,114 +484,24 @@ class Index:
     def forget_blob(self, digest: str) -> None:
         """Drop a blob row whose file has gone, so that it is fetched again."""
         with self._writing(), self._transaction():
-            self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+            self._execute("DELETE FROM blobs WHERE digest = ?", (digest,))
 
     def forget_manifest(self, digest: str) -> None:
         """Drop a manifest row (and its tags and references) whose file has gone."""
         with self._writing(), self._transaction():
-            self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
+            self._execute("DELETE FROM manifests WHERE digest = ?", (digest,))
 
     def names(self, digest: str) -> bool:
         """Whether a manifest or blob row names this digest now."""
-        return self._db.execute(
+        return self._execute(
             "SELECT 1 FROM manifests WHERE digest = ? UNION ALL SELECT 1 FROM blobs WHERE digest = ?",
             (digest, digest)).fetchone() is not None
 
     def stored_size(self, digest: str, kind: str) -> int | None:
         """The size a manifest (kind 'manifest') or blob row records now, or None without a row."""
         table = "manifests" if kind == "manifest" else "blobs"
-        row = self._db.execute(f"SELECT size FROM {table} WHERE digest = ?", (digest,)).fetchone()
+        row = self._execute(f"SELECT size FROM {table} WHERE digest = ?", (digest,)).fetchone()
         return int(row[0]) if row else None
-
-    def record_pull(self, digest: str) -> None:
-        """Note that a client pulled a manifest; written later in a batch."""
-        self._pulls[digest] = self._clock.seconds()
-
-    def flush_pulls(self) -> int:
-        """Write the pull times noted since the last flush in one transaction; returns how many.
-
-        When the disk is full or the index busy they are kept for the next
-        flush (and that is logged once): serving never depends on them.
-        """
-        pulls, self._pulls = self._pulls, {}
-        if not pulls:
-            return 0
-        try:
-            with self._writing(), self._transaction():
-                self._db.executemany(
-                    "UPDATE manifests SET pulled = ? WHERE digest = ?",
-                    [(utc(when), digest) for digest, when in pulls.items()],
-                )
-        except OCIError as e:
-            for digest, when in pulls.items():
-                self._pulls[digest] = max(when, self._pulls.get(digest, when))
-            if not self._pulls_failing:
-                self._pulls_failing = True
-                log.warn("Pull times are kept in memory until they can be written: {why}", why=e.message)
-            return 0
-        if self._pulls_failing:
-            self._pulls_failing = False
-            log.info("Pull times are written again")
-        return len(pulls)
-
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self._db, self._busy_timeout)
-
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """Turn sqlite's full disk and lock timeouts into the errors clients get (507, 503)."""
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            if _primary(e) == sqlite3.SQLITE_FULL:
-                raise StorageFull(f"the index cannot grow: {e}") from None
-            if _primary(e) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise IndexBusy() from None
-            raise
-
-    @classmethod
-    def _on(cls, db: sqlite3.Connection, clock: IReactorTime) -> "Index":
-        """An index over an open connection, as it is (no migration)."""
-        index = cls.__new__(cls)
-        index.path = ""
-        index._clock = clock
-        index._busy_timeout = 5.0
-        index._pulls = {}
-        index._pulls_failing = False
-        index._db = db
-        return index
-
-    @classmethod
-    def read_only(cls, path: str, clock: IReactorTime) -> "Index":
-        """Open an existing index for reading only, so that it works on a read-only image path."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no cache index at {path}")
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        try:
-            try:
-                (version,) = db.execute("PRAGMA user_version").fetchone()
-            except sqlite3.OperationalError:
-                # A WAL database in a directory we cannot write: nobody can be writing it either.
-                db.close()
-                db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None,
-                                     check_same_thread=False)
-                (version,) = db.execute("PRAGMA user_version").fetchone()
-        except sqlite3.DatabaseError as e:
-            db.close()
-            raise _unusable(path, e) from None
-        if version < migrations()[-1][0]:
-            db.close()
-            raise sqlite3.OperationalError(
-                f"{path} has schema version {version}; open it writable once to upgrade it")
-        return cls._on(db, clock)
-
-    def snapshot(self) -> "Index":
-        """An in-memory copy of the index, to work out changes without touching the cache."""
-        copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        self._db.backup(copy)
-        copy.execute("PRAGMA foreign_keys=ON")
-        return Index._on(copy, self._clock)
 
     def cached_images(self, every_manifest: bool = False) -> list["CachedImage"]:
         """Every image as users name it: each tag, and each top-level manifest cached only by digest.
@@ -358,18 +511,18 @@ class Index:
         """
         manifests = {
             row[0]: ManifestRecord(*row)
-            for row in self._db.execute(
+            for row in self._execute(
                 "SELECT digest, media_type, size, registry, repository, created, pulled FROM manifests")
         }
         children: dict[str, list[tuple[str, str]]] = {}
         parents: set[str] = set()
-        for manifest, child, kind in self._db.execute("SELECT manifest, child, kind FROM manifest_refs"):
+        for manifest, child, kind in self._execute("SELECT manifest, child, kind FROM manifest_refs"):
             children.setdefault(manifest, []).append((child, kind))
             if kind == "manifest":
                 parents.add(child)
-        blobs = dict(self._db.execute("SELECT digest, size FROM blobs"))
+        blobs = dict(self._execute("SELECT digest, size FROM blobs"))
         tags: dict[str, list[tuple[str, str, str]]] = {}
-        for registry, repository, tag, digest in self._db.execute(
+        for registry, repository, tag, digest in self._execute(
                 "SELECT registry, repository, tag, digest FROM tags"):
             tags.setdefault(digest, []).append((registry, repository, tag))
         images = []
@@ -390,7 +543,7 @@ class Index:
 
     def cache_size(self) -> int:
         """Bytes of every cached manifest and of every blob a cached manifest uses."""
-        (size,) = self._db.execute(
+        (size,) = self._execute(
             "SELECT (SELECT coalesce(sum(size), 0) FROM manifests)"
             " + (SELECT coalesce(sum(size), 0) FROM blob_refcounts"
             "     WHERE refcount > 0 AND digest NOT IN (SELECT digest FROM manifests))"
@@ -428,7 +581,7 @@ class Index:
                     taken += 1
                 finished = not pending or (fit is not None and size <= fit)
                 if finished:
-                    orphans = dict(self._db.execute("SELECT digest, size FROM blobs_unreferenced"))
+                    orphans = dict(self._execute("SELECT digest, size FROM blobs_unreferenced"))
                     self._drop_blobs(orphans, blobs, doomed)
                 # Which files the rows named, while no one can record those digests again.
                 files = {digest: store.identity(digest) for digest in doomed} if store is not None else {}
@@ -438,13 +591,13 @@ class Index:
             if finished:
                 return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
             # A gap between transactions, for a writer that waits for the lock.
-            time.sleep(_LOCK_POLL_SECONDS * 2)
+            time.sleep(LOCK_POLL_SECONDS * 2)
 
     def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
                       doomed: set[str]) -> int:
         """Untag one image and drop what only it used; returns the bytes freed."""
         if image.tag is not None:
-            self._db.execute("DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
+            self._execute("DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
                              (image.registry, image.repository, image.tag))
         dropped: dict[str, int] = {}
         used: set[str] = set()
@@ -452,7 +605,7 @@ class Index:
         freed = {}
         for blob in sorted(used):
             size = None if blob in blobs else self.blob_size(blob)
-            if size is not None and not self._db.execute(
+            if size is not None and not self._execute(
                     "SELECT 1 FROM manifest_refs WHERE child = ? AND kind IN ('config', 'layer') LIMIT 1",
                     (blob,)).fetchone():
                 freed[blob] = size
@@ -463,7 +616,7 @@ class Index:
 
     def _drop_blobs(self, found: dict[str, int], blobs: dict[str, int], doomed: set[str]) -> None:
         """Delete blob rows, marking their files to go (unless the digest is also a cached manifest)."""
-        self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(digest,) for digest in found])
+        self._executemany("DELETE FROM blobs WHERE digest = ?", [(digest,) for digest in found])
         doomed.update(digest for digest in found if self.manifest(digest) is None)
         blobs.update(found)
 
@@ -472,7 +625,7 @@ class Index:
 
         Collects the dropped manifests' sizes and the blobs they used.
         """
-        in_use = self._db.execute(
+        in_use = self._execute(
             "SELECT 1 FROM tags WHERE digest = ?"
             " UNION ALL SELECT 1 FROM manifest_refs WHERE child = ? AND kind = 'manifest' LIMIT 1",
             (digest, digest)).fetchone()
@@ -480,7 +633,7 @@ class Index:
         if in_use or record is None:
             return
         references = self.references(digest)
-        self._db.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
+        self._execute("DELETE FROM manifests WHERE digest = ?", (digest,))
         dropped[digest] = record.size
         used.update(r.child for r in references if r.kind != "manifest")
         for reference in references:
@@ -489,50 +642,41 @@ class Index:
 
     def blob_refcounts(self, substring: str = "") -> list[tuple[str, int, int]]:
         """Cached blobs whose digest contains ``substring``: (digest, size, reference count)."""
-        rows = self._db.execute(
-            "SELECT digest, size, refcount FROM blob_refcounts WHERE instr(digest, ?) > 0 ORDER BY digest",
-            (substring,))
-        return [(digest, int(size), int(count)) for digest, size, count in rows]
+        rows = self._execute(
+            "SELECT digest, size, refcount FROM blob_refcounts WHERE instr(digest, ?) > 0", (substring,))
+        return sorted((digest, int(size), int(count)) for digest, size, count in rows)
 
     def stored_objects(self) -> list[tuple[str, int, str]]:
         """Every file the index vouches for: (digest, size, 'manifest' or 'blob')."""
-        rows = self._db.execute(
+        rows = self._execute(
             "SELECT digest, size, 'manifest' FROM manifests"
-            " UNION ALL SELECT digest, size, 'blob' FROM blobs ORDER BY 1")
-        return [(digest, int(size), kind) for digest, size, kind in rows]
+            " UNION ALL SELECT digest, size, 'blob' FROM blobs")
+        return sorted((digest, int(size), kind) for digest, size, kind in rows)
 
     def set_times(self, digest: str, created: str, pulled: str) -> None:
         """Set when a manifest entered the cache and was last pulled (for imported caches)."""
-        with self._transaction():
-            self._db.execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
+        with self._writing(), self._transaction():
+            self._execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
                              (created, pulled, digest))
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (a failed COMMIT too).
 
-    Waits up to ``wait`` seconds for another connection's write lock, trying
-    every millisecond.  Inside another transaction it is part of that one.
+class _Transaction:
+    """BEGIN ... COMMIT, rolled back on error (a failed COMMIT too).
+
+    The engine begins it (sqlite waits for another connection's write lock).
+    Inside another transaction it is part of that one.
     """
 
-    def __init__(self, db: sqlite3.Connection, wait: float) -> None:
+    def __init__(self, engine: Engine, db: Any) -> None:
+        self._engine = engine
         self._db = db
-        self._wait = wait
         self._nested = False
 
     def __enter__(self) -> None:
-        self._nested = self._db.in_transaction
-        if self._nested:
-            return
-        deadline = time.monotonic() + self._wait
-        while True:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if _primary(e) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(_LOCK_POLL_SECONDS)
+        self._nested = self._engine.in_transaction(self._db)
+        if not self._nested:
+            self._engine.begin(self._db)
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
         if self._nested:
@@ -541,32 +685,15 @@ class _Transaction:
             try:
                 self._db.execute("COMMIT")
                 return
-            except sqlite3.Error:
+            except self._engine.errors:
                 self._rollback()
                 raise
         self._rollback()
 
     def _rollback(self) -> None:
         # sqlite rolls back by itself after some errors (a full disk among them).
-        if self._db.in_transaction:
+        if self._engine.in_transaction(self._db):
             self._db.execute("ROLLBACK")
-
-
-def _primary(error: sqlite3.Error) -> int:
-    """sqlite's primary result code of an error (without the extended part)."""
-    return int(getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF
-
-
-def _unusable(path: str, error: sqlite3.DatabaseError) -> CacheUnusable:
-    """A start-up error naming what is wrong with the index file and what to do."""
-    code = _primary(error)
-    if code == sqlite3.SQLITE_NOTADB:
-        return CacheUnusable(
-            f"{path} is not an sqlite database ({error}): move it aside to start with an empty index, "
-            "then run 'ociregistry check --repair' to remove the files it no longer names")
-    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-        return CacheUnusable(f"cannot open {path} for writing ({error}): the image path must be writable")
-    return CacheUnusable(f"cannot use the index {path}: {error}")
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class Importer:
         try:
             await self._read_tar(path, contents, None)
             if "oci-layout" in contents.documents and "index.json" in contents.documents:
-                loaded = self._record_layout(path, contents, name)
+                loaded = await self._record_layout(path, contents, name)
             elif "manifest.json" in contents.documents:
                 loaded = await self._record_docker_save(path, contents, name)
             else:
@@ -168,7 +168,7 @@ class Importer:
             raise LoadError(f"{path}: malformed {', '.join(contents.documents)}: {e!r}") from None
         finally:
             for digest in contents.written:
-                if self._index.manifest(digest) is None and self._index.blob_size(digest) is None:
+                if await self._index.manifest(digest) is None and await self._index.blob_size(digest) is None:
                     self._store.remove(digest)
         return loaded
 
@@ -197,8 +197,8 @@ class Importer:
     async def _store_stream(self, reader: IO[bytes], digest: str, contents: _TarContents) -> None:
         """Write content that must hash to ``digest`` into the store, unless it is cached already."""
         path = self._store.path_for(digest)
-        if os.path.exists(path) and (self._index.blob_size(digest) is not None
-                                     or self._index.manifest(digest) is not None):
+        if os.path.exists(path) and (await self._index.blob_size(digest) is not None
+                                     or await self._index.manifest(digest) is not None):
             contents.present[digest] = os.path.getsize(path)
             return
         writer = self._store.begin(digest)
@@ -215,17 +215,17 @@ class Importer:
         contents.present[digest] = writer.size
         contents.written.append(digest)
 
-    def _record_layout(self, path: str, contents: _TarContents, name: str | None) -> list[Loaded]:
+    async def _record_layout(self, path: str, contents: _TarContents, name: str | None) -> list[Loaded]:
         loaded = []
         for descriptor in json.loads(contents.documents["index.json"])["manifests"]:
             annotations = descriptor.get("annotations") or {}
             where, tag = _tarball_name(path, annotations.get(IMAGE_NAME) or annotations.get(REF_NAME), name)
             digest = check_digest(descriptor["digest"])
-            counts = self._record_tree(path, where, digest, descriptor.get("mediaType"), tag, contents)
+            counts = await self._record_tree(path, where, digest, descriptor.get("mediaType"), tag, contents)
             loaded.append(Loaded(_shown(where, tag, digest), digest, *counts))
         return loaded
 
-    def _record_tree(self, path: str, where: Upstream, digest: str, media_type: str | None,
+    async def _record_tree(self, path: str, where: Upstream, digest: str, media_type: str | None,
                      tag: str | None, contents: _TarContents) -> tuple[int, int]:
         """Record a manifest found in a tarball and what of it the tarball holds: (manifests, blobs)."""
         content = self._store.read(digest) if digest in contents.present else None
@@ -237,13 +237,13 @@ class Importer:
             if reference.child not in contents.present:
                 continue
             if reference.kind == "manifest":
-                counts = self._record_tree(path, where, reference.child, reference.media_type, None, contents)
+                counts = await self._record_tree(path, where, reference.child, reference.media_type, None, contents)
                 manifests, blobs = manifests + counts[0], blobs + counts[1]
             else:
-                self._index.record_blob(reference.child, contents.present[reference.child])
+                await self._index.record_blob(reference.child, contents.present[reference.child])
                 blobs += 1
-        self._index.record_manifest(digest, media_type, len(content), where.registry, where.repository,
-                                    references, tag=tag)
+        await self._index.record_manifest(digest, media_type, len(content), where.registry, where.repository,
+                                          references, tag=tag)
         return manifests, blobs
 
     async def _record_docker_save(self, path: str, contents: _TarContents, name: str | None) -> list[Loaded]:
@@ -272,10 +272,10 @@ class Importer:
             await self._store_stream(io.BytesIO(manifest), digest, contents)
             media_type, references = describe(manifest, DOCKER_MANIFEST, f"tarball {path}")
             for reference in references:
-                self._index.record_blob(reference.child, reference.size)
+                await self._index.record_blob(reference.child, reference.size)
             for where, tag in [_tarball_name(path, ref, name) for ref in entry.get("RepoTags") or [None]]:
-                self._index.record_manifest(digest, media_type, len(manifest), where.registry,
-                                            where.repository, references, tag=tag)
+                await self._index.record_manifest(digest, media_type, len(manifest), where.registry,
+                                                  where.repository, references, tag=tag)
                 loaded.append(Loaded(_shown(where, tag, digest), digest, 1, len(references)))
         return loaded
 
@@ -314,17 +314,17 @@ class Importer:
                 try:
                     with open(source, "rb") as f:
                         await self._store_stream(f, child.child, contents)
-                    self._index.record_blob(child.child, contents.present[child.child])
+                    await self._index.record_blob(child.child, contents.present[child.child])
                     blobs += 1
                 except FileNotFoundError:
                     problems.append(f"blobs/{child.child.partition(':')[2]}: missing (fetched again on a pull)")
                 except LoadError as e:
                     problems.append(f"blobs/{child.child.partition(':')[2]}: {e}")
-            self._index.record_manifest(digest, media_type, len(content), where.registry, where.repository,
-                                        references, tag=tag)
+            await self._index.record_manifest(digest, media_type, len(content), where.registry, where.repository,
+                                              references, tag=tag)
             now = utc(time.time())
             created = _go_time(holder.get("created"), now)
-            self._index.set_times(digest, created, _go_time(holder.get("pulled"), created))
+            await self._index.set_times(digest, created, _go_time(holder.get("pulled"), created))
             loaded.append(Loaded(str(holder["imageUrl"]), digest, 1, blobs))
         return loaded, problems
 
@@ -346,7 +346,7 @@ class Loader(Importer):
         record = (await self._cache.manifest(where, reference))[0]
         manifests = [record]
         if record.media_type in INDEX_TYPES:
-            entries = [r for r in self._index.references(record.digest) if r.kind == "manifest"]
+            entries = [r for r in await self._index.references(record.digest) if r.kind == "manifest"]
             chosen = entries if self._platform is None else [
                 e for e in entries if self._platform.matches(e.platform)][:1]
             if not chosen:
@@ -355,7 +355,7 @@ class Loader(Importer):
             for entry in chosen:
                 manifests.append((await self._cache.manifest(where, entry.child))[0])
         blobs = [r.child for m in manifests if m.media_type in IMAGE_TYPES
-                 for r in self._index.references(m.digest)]
+                 for r in await self._index.references(m.digest)]
         for digest in blobs:
             source = await self._cache.blob(where, digest)
             if isinstance(source, BlobDownload):

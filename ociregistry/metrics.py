@@ -100,9 +100,9 @@ class Metrics:
         label = self.registry_label(ns)
         self._snapshot.upstream_pulls[label] = self._snapshot.upstream_pulls.get(label, 0) + 1
 
-    def refresh(self, index: Index) -> None:
-        """Read the cache's size from the index (on the reactor thread)."""
-        self._snapshot.manifests, self._snapshot.blobs, self._snapshot.bytes_on_disk = index.totals()
+    async def refresh(self, index: Index) -> None:
+        """Read the cache's size from the index (answered on the reactor thread)."""
+        self._snapshot.manifests, self._snapshot.blobs, self._snapshot.bytes_on_disk = await index.totals()
 
     def track_downloads(self, count: Callable[[], int]) -> None:
         """Report the number of downloads in progress at scrape time."""

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ociregistry.config import PruneSettings, parse_duration
-from ociregistry.index import CachedImage, Index, Removal, utc
+from ociregistry.index import CachedImage, Index, IndexConnection, Removal, utc
 from ociregistry.store import BlobStore
 
 log = Logger()
@@ -123,16 +123,13 @@ def criteria_for(settings: PruneSettings, now: float) -> Criteria:
     )
 
 
-def prune(index: Index, store: BlobStore, criteria: Criteria, dry_run: bool = False) -> Removal:
+def prune(index: IndexConnection, store: BlobStore, criteria: Criteria, dry_run: bool = False) -> Removal:
     """Remove the images the criteria select and the files nothing uses any more."""
     chosen = criteria.select(index.cached_images())
     if not dry_run:
         return index.remove_images(chosen, fit=criteria.max_size, store=store)
-    trial = index.snapshot()
-    try:
+    with index.trial() as trial:
         return trial.remove_images(chosen, fit=criteria.max_size)
-    finally:
-        trial.close()
 
 
 def describe_removal(removal: Removal, dry_run: bool) -> list[str]:
@@ -151,23 +148,14 @@ def inline(function: Callable[..., T], *args: Any) -> "Deferred[T]":
     return maybeDeferred(function, *args)
 
 
-def on_own_connection(index: Index, to_thread: ToThread, work: Callable[[Index], T]) -> "Deferred[T]":
+def on_own_connection(index: Index, to_thread: ToThread, work: Callable[[IndexConnection], T]) -> "Deferred[T]":
     """Run ``work`` on a thread, with a connection of its own to the index (pull times written first).
 
     Long reads and prunes then never hold up the reactor; their writes wait
     for the lock on that thread, and the reactor's own writes wait at most
     for one of their short transactions.
     """
-    index.flush_pulls()
-
-    def run() -> T:
-        own = index.reopen()
-        try:
-            return work(own)
-        finally:
-            own.close()
-
-    return to_thread(run)
+    return index.run_long(work, to_thread)
 
 
 def log_removal(lines: list[str], what: str) -> None:
@@ -213,7 +201,7 @@ class Problem:
     what: str
 
 
-def check(index: Index, store: BlobStore, repair: bool = False,
+def check(index: IndexConnection, store: BlobStore, repair: bool = False,
           progress: Callable[[str], None] = lambda line: None,
           settle: float = SETTLE_SECONDS) -> list[Problem]:
     """Verify every indexed file against its size and digest, and find files no row names.
@@ -250,7 +238,7 @@ def check(index: Index, store: BlobStore, repair: bool = False,
     return problems
 
 
-def unindexed(index: Index, store: BlobStore, settle: float = SETTLE_SECONDS) -> list[str]:
+def unindexed(index: IndexConnection, store: BlobStore, settle: float = SETTLE_SECONDS) -> list[str]:
     """The files under ``blobs/`` that no row names and no download is about to record."""
     found = []
     settled = time.time() - settle

@@ -46,7 +46,7 @@ from ociregistry.credentials import CREDENTIALS_VARIABLE, RUST_CREDENTIALS_VARIA
 from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
-from ociregistry.index import Index
+from ociregistry.index import Index, index_engine, masked_url
 from ociregistry.load import host_platform, make_preload_service
 from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.store import BlobStore, CacheUnusable
@@ -107,6 +107,8 @@ class ServerConfig:
     client_header_timeout: float = 30.0
     client_idle_timeout: float = 60.0
     client_max_connections: int = 256
+    # The shared index in PostgreSQL (index.postgresql); None: index.db under the image path.
+    index_url: str | None = None
 
     def client_limits(self) -> ClientLimits:
         """What each client connection may take."""
@@ -120,6 +122,7 @@ class ServerConfig:
         shown["allow_upstreams"] = list(self.allow_upstreams)
         shown["tls_listen"] = list(self.tls_listen)
         shown["admin_token"] = None if self.admin_token is None else "***"
+        shown["index_url"] = None if self.index_url is None else masked_url(self.index_url)
         return shown
 
 
@@ -166,6 +169,8 @@ class Options(usage.Options):
         ["tls-port", None, None, "Serve HTTPS on this port too, keeping plain HTTP on --port "
          "[default: HTTPS on --port when TLS is configured]."],
         ["health", None, None, "Also serve /health on this port."],
+        ["index-url", None, None, "Keep the index in PostgreSQL, shared by replicas: postgresql://user@host:port/db "
+         "[index.postgresql; default: index.db under the image path]."],
         ["metrics", None, None, "Serve /metrics on this port instead of the main listener."],
         ["log-level", None, None, "error, warn, info or debug [default: info]."],
         ["log-file", None, None, "Write the log here instead of standard output."],
@@ -346,6 +351,7 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         raise usage.UsageError(f"--log-format: text or json, not {options['log-format']!r}")
     return ServerConfig(
         image_path=os.path.abspath(image_path),
+        index_url=_choose(options["index-url"], settings.index_url, None),
         tls_listen=tls_listen,
         server_tls=server_tls,
         health_listen=None if health is None else _tcp("--health", health, host),
@@ -495,8 +501,8 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     store = BlobStore(config.image_path, disk.run)
     swept = store.prepare()
     index_path = os.path.join(config.image_path, "index.db")
-    new_index = not os.path.exists(index_path)
-    index = Index(index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS)
+    new_index = config.index_url is None and not os.path.exists(index_path)
+    index = Index(index_engine(config.index_url, index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS))
     if new_index:
         _warn_unindexed(index, store, index_path)
     registries = [host_of(host) for host in [api_host(config.default_ns), *(r.api_host for r in config.registries)]]
@@ -530,7 +536,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
 
 def _warn_unindexed(index: Index, store: BlobStore, index_path: str) -> None:
     """A new index over files left by an old one (index.db deleted): say how to recover the space."""
-    orphans = len(unindexed(index, store, settle=0.0))
+    orphans = len(index.run_blocking(unindexed, store, settle=0.0))
     if orphans:
         log.warn("The index {index_path} is new, but {orphans} files under blobs/ are named by no row "
                  "(was index.db deleted?). They are never served; 'ociregistry check --repair --image-path "
@@ -612,15 +618,10 @@ def _hand_over(image_path: str, twistd_options: usage.Options | None) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
-def _flush_pulls(index: Index) -> None:
-    try:
-        index.flush_pulls()
-    except Exception:
-        log.failure("Could not record pull times")
+def _flush_pulls(index: Index) -> "Deferred[object]":
+    return index.flush_pulls().addErrback(lambda failure: log.failure("Could not record pull times", failure))
 
 
-def _refresh_metrics(metrics: Metrics, index: Index) -> None:
-    try:
-        metrics.refresh(index)
-    except Exception:
-        log.failure("Could not refresh the cache size metrics")
+def _refresh_metrics(metrics: Metrics, index: Index) -> "Deferred[object]":
+    return Deferred.fromCoroutine(metrics.refresh(index)).addErrback(
+        lambda failure: log.failure("Could not refresh the cache size metrics", failure))

@@ -19,9 +19,17 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from ociregistry.config import RegistrySettings
 from ociregistry.errors import OCIError
+from ociregistry.index import Index, IndexConnection
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.upstream import UpstreamNotFound
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+def connection_of(index: Index) -> IndexConnection:
+    """The sqlite connection an index answers the reactor with, to look at it (and prune) at once in tests."""
+    assert isinstance(index.engine, SqliteEngine)
+    return index.engine.connection
+
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 

@@ -29,7 +29,7 @@ class AdminAPITests(SynchronousTestCase):
         self.cache.image(self.web, "team/web", "1.0")
         self.cache.image(self.db, "team/db", "2.0")
         self.stops: list[None] = []
-        self.site = admin_site(self.cache.index, self.cache.root, self.clock,
+        self.site = admin_site(self.cache.server, self.cache.root, self.clock,
                                lambda: self.stops.append(None), token="s3cret")
         self.http = StubTreq(self.site.resource)
 

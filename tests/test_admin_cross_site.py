@@ -30,7 +30,7 @@ class CrossSiteTests(SynchronousTestCase):
         self.image = make_image(b"layer", b"web")
         self.cache.image(self.image, "team/web", "1.0")
         self.stops: list[None] = []
-        site = admin_site(self.cache.index, self.cache.root, self.clock, lambda: self.stops.append(None),
+        site = admin_site(self.cache.server, self.cache.root, self.clock, lambda: self.stops.append(None),
                           token=self.token, listen_host="10.1.2.3")
         self.http = StubTreq(site.resource)
 

@@ -54,7 +54,7 @@ class StaleMarksTests(CacheOverStubs):
     def test_stale_marks_bounded(self) -> None:
         """Many tags served stale keep at most the limit of marks."""
         self.patch(cache, "_STALE_MARKS", 2)
-        self.cache = Cache(self.index, self.store, self.upstream, self.downloads, self.clock)  # type: ignore[arg-type]
+        self.cache = Cache(self.server_index, self.store, self.upstream, self.downloads, self.clock)  # type: ignore[arg-type]
         tags = [f"v{n}" for n in range(5)]
         for tag in tags:
             self.a.add_image("app", tag, make_image(tag.encode()))

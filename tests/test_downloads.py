@@ -12,9 +12,10 @@ from ociregistry.downloads import BlobSource, Downloads
 from ociregistry.errors import OCIError
 from ociregistry.grammar import Upstream as Where
 from ociregistry.index import Index
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.metrics import Metrics
 from ociregistry.store import BlobStore
-from tests.fakes import Behaviour, FakeRegistry, StubUpstream, digest_of, make_image
+from tests.fakes import Behaviour, FakeRegistry, StubUpstream, connection_of, digest_of, make_image
 
 A, B = "a.example", "b.example"
 # B sends 1 KiB every 5 s: slow, but steady.
@@ -34,10 +35,12 @@ class CacheOverStubs(SynchronousTestCase):
         self.upstream = StubUpstream({A: self.a, B: self.b})
         self.store = BlobStore(self.root, lambda f, *args: maybeDeferred(f, *args))
         self.store.prepare()
-        self.index = Index(os.path.join(self.root, "index.db"), self.clock)
-        self.addCleanup(self.index.close)
-        self.downloads = Downloads(self.store, self.index, self.upstream, Metrics())  # type: ignore[arg-type]
-        self.cache = Cache(self.index, self.store, self.upstream, self.downloads, self.clock)  # type: ignore[arg-type]
+        self.server_index = Index(SqliteEngine(os.path.join(self.root, "index.db"), self.clock))
+        self.addCleanup(self.server_index.close)
+        # The same connection, answering at once: what the tests look at and prune with.
+        self.index = connection_of(self.server_index)
+        self.downloads = Downloads(self.store, self.server_index, self.upstream, Metrics())  # type: ignore[arg-type]
+        self.cache = Cache(self.server_index, self.store, self.upstream, self.downloads, self.clock)  # type: ignore[arg-type]
 
     def settle(self, *registries: str) -> None:
         """Let the named upstreams (or all) answer everything they have sent so far."""

@@ -38,7 +38,7 @@ from ociregistry.load import (
 )
 from ociregistry.metrics import Metrics
 from ociregistry.tap import ServerConfig, open_cache
-from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image, digest_of, listen, make_image
+from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image, connection_of, digest_of, listen, make_image
 from tests.realparts import PROJECT_ROOT, ImageSet, WorkspaceTestCase, build_oci_index, push, skopeo_copy_all, start_registry, start_server
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -108,10 +108,11 @@ class LoadTests(TestCase):
         config = ServerConfig(image_path=self.image_path, listen=(), default_ns=self.registry,
                               registries=(RegistrySettings(name=self.registry, scheme="http"),),
                               pull_timeout=5.0, max_manifest_size=8 << 20)
-        self.cache, self.index, _ = open_cache(config, reactor, Metrics())
+        self.cache, self.server_index, _ = open_cache(config, reactor, Metrics())
+        self.index = connection_of(self.server_index)
         self.addCleanup(lambda: Deferred.fromCoroutine(self.cache.close()))
         self.store = threaded_store(self.image_path, reactor)
-        self.loader = Loader(self.cache, self.index, self.store, platform, self.registry)
+        self.loader = Loader(self.cache, self.server_index, self.store, platform, self.registry)
 
     def files(self) -> list[str]:
         """Every file under blobs/."""
@@ -177,7 +178,7 @@ class LoadTests(TestCase):
         loaded = await self.loader.load_reference("app")
         self.assertEqual((loaded.manifests, loaded.blobs), (3, 3))
         self.assertEqual(self.cached_blobs(), set(amd.blobs) | set(arm.blobs))
-        loader = Loader(self.cache, self.index, self.store, Platform("linux", "s390x"), self.registry)
+        loader = Loader(self.cache, self.server_index, self.store, Platform("linux", "s390x"), self.registry)
         with self.assertRaises(LoadError) as caught:
             await loader.load_reference("app")
         self.assertIn("linux/amd64, linux/arm64", str(caught.exception))
@@ -354,10 +355,12 @@ class GoCacheImportTests(TestCase):
         store = threaded_store(image_path, reactor)
         store.prepare()
         from ociregistry.index import Index
+        from ociregistry.sqlite import SqliteEngine
 
-        db = Index(os.path.join(image_path, "index.db"), reactor)
-        self.addCleanup(db.close)
-        loaded, problems = await Importer(db, store).import_go_cache(os.path.join(base, "go"))
+        server = Index(SqliteEngine(os.path.join(image_path, "index.db"), reactor))
+        self.addCleanup(server.close)
+        db = connection_of(server)
+        loaded, problems = await Importer(server, store).import_go_cache(os.path.join(base, "go"))
         self.assertEqual(sorted(item.digest for item in loaded), sorted([digest_of(index), amd.digest]))
         self.assertEqual(len(problems), 1)
         self.assertIn("hash to", problems[0])
@@ -371,7 +374,7 @@ class GoCacheImportTests(TestCase):
         self.assertEqual(imported.pulled[:10], "2024-04-01")
         self.assertEqual({d for d, _, kind in db.stored_objects() if kind == "blob"}, set(amd.blobs))
         with self.assertRaises(LoadError):
-            await Importer(db, store).import_go_cache(base)
+            await Importer(server, store).import_go_cache(base)
 
 
 def go_store_from(image: ImageSet, directory: str, url: str) -> None:

@@ -17,12 +17,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from ociregistry.config import PruneSettings, RegistrySettings
 from ociregistry.index import Index, utc
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.manifests import describe
 from ociregistry.prune import Criteria, check, criteria_for, make_prune_service, parse_cutoff, prune
 from ociregistry.store import BlobStore
 from ociregistry.metrics import Metrics
 from ociregistry.tap import ServerConfig, make_site, open_cache
-from tests.fakes import OCI_INDEX, OCI_MANIFEST, Behaviour, FakeRegistry, Image, digest_of, listen, make_image
+from tests.fakes import OCI_INDEX, OCI_MANIFEST, Behaviour, FakeRegistry, Image, connection_of, digest_of, listen, make_image
 from tests.test_load import platform_index, run_cli
 from tests.test_store import inline
 
@@ -37,7 +38,9 @@ class CacheContent:
         self.clock = clock
         self.store = BlobStore(root, inline)
         self.store.prepare()
-        self.index = Index(os.path.join(root, "index.db"), clock)
+        # The server's index, and its connection answering at once.
+        self.server = Index(SqliteEngine(os.path.join(root, "index.db"), clock))
+        self.index = connection_of(self.server)
 
     def put(self, content: bytes) -> str:
         """Store a file and return its digest."""
@@ -98,8 +101,8 @@ class PruneTests(SynchronousTestCase):
         self.clock.advance(DAY)
         self.cache.image(self.worker, "team/worker", "2.0")
         self.clock.advance(3600)
-        self.cache.index.record_pull(self.web.digest)
-        self.cache.index.flush_pulls()
+        self.cache.server.record_pull(self.web.digest)
+        self.successResultOf(self.cache.server.flush_pulls())
 
     def references(self) -> list[str]:
         return [image.reference for image in self.cache.index.cached_images()]
@@ -177,8 +180,10 @@ class PruneTests(SynchronousTestCase):
     def test_batches_remove_the_same(self) -> None:
         """Committing image by image removes exactly what one transaction would."""
         chosen = Criteria(max_size=1).select(self.cache.index.cached_images())
-        whole = self.cache.index.snapshot().remove_images(chosen, fit=1)
-        self.assertEqual(self.cache.index.snapshot().remove_images(chosen, fit=1, batch=1), whole)
+        with self.cache.index.trial() as trial:
+            whole = trial.remove_images(chosen, fit=1)
+        with self.cache.index.trial() as trial:
+            self.assertEqual(trial.remove_images(chosen, fit=1, batch=1), whole)
         self.assertEqual(len(whole.images), 3)
 
     def test_count_limits(self) -> None:
@@ -208,7 +213,7 @@ class PruneTests(SynchronousTestCase):
     def test_background_pruning(self) -> None:
         """The timer prunes each pass, logs what went, and survives a failing pass."""
         settings = PruneSettings(enabled=True, type="accessed", duration=DAY, frequency=3600, dry_run=False)
-        service = make_prune_service(settings, self.cache.index, self.cache.root, self.clock)
+        service = make_prune_service(settings, self.cache.server, self.cache.root, self.clock)
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(self.references(), ["quay.io/team/web:1.0", "quay.io/team/worker:2.0"])
@@ -222,7 +227,7 @@ class PruneTests(SynchronousTestCase):
 
     def test_read_only_index(self) -> None:
         """A read-only index answers questions and refuses to write."""
-        reader = Index.read_only(os.path.join(self.cache.root, "index.db"), self.clock)
+        reader = SqliteEngine(os.path.join(self.cache.root, "index.db"), self.clock, read_only=True).connect()
         self.addCleanup(reader.close)
         self.assertEqual(len(reader.cached_images()), 3)
         self.assertRaises(sqlite3.OperationalError, reader.record_blob, "sha256:" + "0" * 64, 1)

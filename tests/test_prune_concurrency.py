@@ -15,7 +15,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ociregistry.admin import admin_site
-from ociregistry.index import Index
+from ociregistry.index import IndexConnection
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.prune import Criteria, check, prune
 from ociregistry.store import BlobStore
 from tests.fakes import listen, make_image
@@ -42,7 +43,7 @@ class CheckBesideServerTests(SynchronousTestCase):
         for number, image in enumerate(self.images):
             self.cache.image(image, f"app{number}", "v1")
         backdate(self.cache)
-        self.server = Index(os.path.join(self.cache.root, "index.db"), self.clock)
+        self.server = SqliteEngine(os.path.join(self.cache.root, "index.db"), self.clock).connect()
         self.addCleanup(self.server.close)
 
     def during_check(self, action: Callable[[], Any]) -> list[str]:
@@ -83,7 +84,7 @@ class CheckBesideServerTests(SynchronousTestCase):
 class RaceStore(BlobStore):
     """A store in which, as the prune starts removing files, the server fetches one of them anew."""
 
-    def __init__(self, root: str, server: Index, content: bytes) -> None:
+    def __init__(self, root: str, server: IndexConnection, content: bytes) -> None:
         super().__init__(root, inline)
         self.server = server
         self.content = content
@@ -111,7 +112,7 @@ class PruneRaceTests(SynchronousTestCase):
         self.addCleanup(cache.index.close)
         image = make_image(b"a layer", config=b'{"a":1}')
         cache.image(image, "app", "v1")
-        server = Index(os.path.join(cache.root, "index.db"), clock)
+        server = SqliteEngine(os.path.join(cache.root, "index.db"), clock).connect()
         self.addCleanup(server.close)
         store = RaceStore(cache.root, server, b"a layer")
         removal = prune(cache.index, store, Criteria(patterns=(re.compile("app"),)))
@@ -135,7 +136,7 @@ class PruneOnThreadTests(TestCase):
         doomed = [make_image(f"layer {n}".encode(), config=f'{{"n":{n}}}'.encode()) for n in range(50)]
         for number, image in enumerate(doomed):
             cache.image(image, f"gone/app{number}", "v1")
-        cache.index.record_pull(keep.digest)
+        cache.server.record_pull(keep.digest)
         threads: list[int] = []
 
         def to_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -144,7 +145,7 @@ class PruneOnThreadTests(TestCase):
                 return function(*args)
             return deferToThread(counted)
 
-        site = admin_site(cache.index, cache.root, clock, lambda: None, to_thread=to_thread)
+        site = admin_site(cache.server, cache.root, clock, lambda: None, to_thread=to_thread)
         port, listening = await listen(site.resource)
         self.addCleanup(listening.stopListening)
         base = f"http://127.0.0.1:{port}"

@@ -15,7 +15,7 @@ import time
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from ociregistry.index import Index
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.manifests import describe
 from tests.fakes import OCI_MANIFEST, make_image
 from tests.realparts import LONG_RUN, PROJECT_ROOT, WorkspaceTestCase, cache_problems, sleep
@@ -34,7 +34,7 @@ def fill_cache(image_path: str, count: int, prefix: str, age: float = 0.0) -> st
     Every file is dated ``age`` seconds ago.  Returns keep/app's digest.
     """
     os.makedirs(os.path.join(image_path, "tmp"), exist_ok=True)
-    index = Index(os.path.join(image_path, "index.db"), Clock())
+    index = SqliteEngine(os.path.join(image_path, "index.db"), Clock()).connect()
     written = time.time() - age
 
     def put(content: bytes) -> str:

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from ociregistry.config import RegistrySettings
 from ociregistry.metrics import Metrics
 from ociregistry.tap import ServerConfig, make_site, open_cache
-from tests.fakes import OCI_INDEX, Behaviour, FakeRegistry, TokenRealm, digest_of, listen, make_image, make_index, wait
+from tests.fakes import OCI_INDEX, Behaviour, FakeRegistry, TokenRealm, connection_of, digest_of, listen, make_image, make_index, wait
 
 
 class ServerTestCase(TestCase):
@@ -44,7 +44,8 @@ class ServerTestCase(TestCase):
         )
         self.config = ServerConfig(**settings)
         self.metrics = Metrics()
-        self.cache, self.index, _ = open_cache(self.config, reactor, self.metrics)
+        self.cache, self.server_index, _ = open_cache(self.config, reactor, self.metrics)
+        self.index = connection_of(self.server_index)
         self.addCleanup(lambda: Deferred.fromCoroutine(self.close_cache()))
         site, self.api = make_site(self.cache, self.config, self.metrics)
         port, ours = await listen(site)

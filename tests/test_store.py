@@ -11,8 +11,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.index import Index, Reference, migrations
+from ociregistry.index import Index, IndexConnection, Reference, migrations
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import BlobStore, DigestMismatch, SizeExceeded
+from tests.fakes import connection_of
 
 
 def inline(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -65,21 +67,17 @@ class BlobStoreTests(SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
 
 
-class IndexTests(SynchronousTestCase):
-    """Manifests, tags, references and pull times."""
+class IndexCases:
+    """Manifests, tags, references and the views, on any engine: ``self.index`` is a connection to an empty index."""
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.path = self.mktemp()
-        self.index = Index(self.path, self.clock)
-        self.addCleanup(self.index.close)
+    index: IndexConnection
+    assertEqual: Any
+    assertIsNotNone: Any
+    assertIsNone: Any
 
-    def test_schema_version(self) -> None:
-        """A new database is at the newest schema version, in WAL mode."""
-        db = sqlite3.connect(self.path)
-        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], migrations()[-1][0])
-        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+    def rows(self, statement: str) -> list[tuple[Any, ...]]:
+        """What a statement a user might type returns, on the index's own connection."""
+        return [tuple(row) for row in self.index.raw.execute(statement).fetchall()]
 
     def test_tags_move(self) -> None:
         """A tag points at the last manifest recorded for it; the old manifest stays."""
@@ -99,23 +97,52 @@ class IndexTests(SynchronousTestCase):
         self.index.record_manifest("sha256:" + "b" * 64, "m", 60, "r", "y", [layer], tag="2")
         self.index.record_blob(layer.child, 100)
         self.index.record_blob("sha256:" + "e" * 64, 7)
-        db = sqlite3.connect(self.path)
-        counts = dict(db.execute("SELECT digest, refcount FROM blob_refcounts"))
+        counts = dict(self.rows("SELECT digest, refcount FROM blob_refcounts"))
         self.assertEqual(counts, {layer.child: 2, "sha256:" + "e" * 64: 0})
-        self.assertEqual(db.execute("SELECT digest FROM blobs_unreferenced").fetchall(), [("sha256:" + "e" * 64,)])
-        sizes = dict(db.execute("SELECT image, total_size FROM images"))
+        self.assertEqual(self.rows("SELECT digest FROM blobs_unreferenced"), [("sha256:" + "e" * 64,)])
+        sizes = dict(self.rows("SELECT image, total_size FROM images"))
         self.assertEqual(sizes, {"r/x": 155, "r/y": 160})
+        self.assertEqual(self.index.blob_refcounts("eee"), [("sha256:" + "e" * 64, 7, 0)])
+
+    def test_tags_sorted_and_forgotten(self) -> None:
+        """Tags list sorted by code point; a forgotten manifest takes its tags and references along."""
+        digest = "sha256:" + "f" * 64
+        for tag in ("b", "B", "a", "_x"):
+            self.index.record_manifest(digest, "m", 1, "r", "x", [Reference("sha256:" + "c" * 64, "layer", "l", 3)],
+                                       tag=tag)
+        self.assertEqual(self.index.tags("r", "x"), ["B", "_x", "a", "b"])
+        self.assertEqual(self.index.totals(), (1, 0, 1))
+        self.index.forget_manifest(digest)
+        self.assertEqual((self.index.tags("r", "x"), self.index.references(digest)), ([], []))
+
+
+class IndexTests(IndexCases, SynchronousTestCase):
+    """The cases on the embedded sqlite index, and what only it has: the pragmas, batched pull times."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.path = self.mktemp()
+        self.server = Index(SqliteEngine(self.path, self.clock))
+        self.addCleanup(self.server.close)
+        self.index = connection_of(self.server)
+
+    def test_schema_version(self) -> None:
+        """A new database is at the newest schema version, in WAL mode."""
+        db = sqlite3.connect(self.path)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], migrations()[-1][0])
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
 
     def test_pulls_batched(self) -> None:
         """Pull times are kept in memory until flushed."""
         digest = "sha256:" + "f" * 64
         self.index.record_manifest(digest, "m", 1, "r", "x", [])
         self.clock.advance(3600)
-        self.index.record_pull(digest)
+        self.server.record_pull(digest)
         record = self.index.manifest(digest)
         assert record is not None
         self.assertEqual(record.pulled, "2023-11-14T22:13:20Z")
-        self.assertEqual(self.index.flush_pulls(), 1)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 1)
         record = self.index.manifest(digest)
         assert record is not None
         self.assertEqual(record.pulled, "2023-11-14T23:13:20Z")

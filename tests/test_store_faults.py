@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ociregistry import index as index_module
 from ociregistry.index import Index, IndexBusy
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import MINIMUM_FREE, BlobStore, StorageFull
+from tests.fakes import connection_of
 from tests.test_store import digest_of, inline
 
 
@@ -115,8 +117,9 @@ class IndexFaultTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.path = self.mktemp()
-        self.index = Index(self.path, self.clock, busy_timeout=0.05)
-        self.addCleanup(self.index.close)
+        self.server = Index(SqliteEngine(self.path, self.clock, busy_timeout=0.05))
+        self.addCleanup(self.server.close)
+        self.index = connection_of(self.server)
         self.index.record_manifest("sha256:" + "a" * 64, "application/vnd.oci.image.manifest.v1+json",
                                    10, "quay.io", "app", [], tag="v1")
 
@@ -145,15 +148,15 @@ class IndexFaultTests(SynchronousTestCase):
         digest = "sha256:" + "a" * 64
         warnings: list[str] = []
         self.patch(index_module.log, "warn", lambda format, **fields: warnings.append(format))
-        self.index.record_pull(digest)
+        self.server.record_pull(digest)
         self.patch(self.index, "_transaction", lambda: FailingTransaction(sqlite3.SQLITE_FULL))
-        self.assertEqual(self.index.flush_pulls(), 0)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 0)
         self.clock.advance(60)
-        self.index.record_pull(digest)
-        self.assertEqual(self.index.flush_pulls(), 0)
+        self.server.record_pull(digest)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 0)
         self.assertEqual(len(warnings), 1)
         del self.index._transaction
-        self.assertEqual(self.index.flush_pulls(), 1)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 1)
         record = self.index.manifest(digest)
         assert record is not None
         self.assertEqual(record.pulled, "1970-01-01T00:01:00Z")
@@ -165,10 +168,10 @@ class IndexFaultTests(SynchronousTestCase):
         self.addCleanup(other.close)
         error = self.assertRaises(IndexBusy, self.index.record_blob, "sha256:" + "b" * 64, 5)
         self.assertEqual(error.status, 503)
-        self.index.record_pull("sha256:" + "a" * 64)
-        self.assertEqual(self.index.flush_pulls(), 0)
+        self.server.record_pull("sha256:" + "a" * 64)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 0)
         other.execute("COMMIT")
-        self.assertEqual(self.index.flush_pulls(), 1)
+        self.assertEqual(self.successResultOf(self.server.flush_pulls()), 1)
         self.index.record_blob("sha256:" + "b" * 64, 5)
 
 

@@ -3,7 +3,7 @@
 CREATE TABLE manifests (
     digest      TEXT PRIMARY KEY,
     media_type  TEXT NOT NULL,
-    size        INTEGER NOT NULL,
+    size        BIGINT NOT NULL,
     registry    TEXT NOT NULL,   -- where it was first fetched from, e.g. docker.io
     repository  TEXT NOT NULL,   -- e.g. library/nginx
     created     TEXT NOT NULL,   -- when it entered the cache
@@ -28,7 +28,7 @@ CREATE TABLE manifest_refs (
     child       TEXT NOT NULL,
     kind        TEXT NOT NULL CHECK (kind IN ('manifest', 'config', 'layer')),
     media_type  TEXT NOT NULL,
-    size        INTEGER NOT NULL,
+    size        BIGINT NOT NULL,
     platform    TEXT,            -- e.g. linux/arm64/v8, for an index's entries
     PRIMARY KEY (manifest, child, kind)
 );
@@ -37,7 +37,7 @@ CREATE INDEX manifest_refs_by_child ON manifest_refs (child);
 -- Config and layer blobs on disk.
 CREATE TABLE blobs (
     digest      TEXT PRIMARY KEY,
-    size        INTEGER NOT NULL,
+    size        BIGINT NOT NULL,
     created     TEXT NOT NULL
 );
 
