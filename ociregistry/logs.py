@@ -18,6 +18,8 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     jsonFileLogObserver,
 )
+from twisted.web.iweb import IAccessLogFormatter
+from zope.interface import provider
 
 from ociregistry.site import RegistryRequest
 
@@ -75,6 +77,7 @@ def observer(level: str, output: str | LogFile | None, json_format: bool) -> ILo
     return FilteringLogObserver(target, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 
+@provider(IAccessLogFormatter)
 def access_line(timestamp: str, request: RegistryRequest) -> str:
     """One line per request: client, method, path, status, bytes, latency and cache result."""
     started = request.started

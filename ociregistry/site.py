@@ -13,13 +13,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import cast
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.resource import Resource
@@ -85,9 +88,15 @@ class LimitedChannel(HTTPChannel):
     _in_head = False
     _method = b""
 
+    @property
+    def _connection(self) -> ITCPTransport:
+        """The connected transport: TCP, or TLS over TCP."""
+        assert self.transport is not None, "used only while connected"
+        return cast(ITCPTransport, self.transport)
+
     def connectionMade(self) -> None:
         super().connectionMade()
-        peer = self.transport.getPeer()
+        peer = self._connection.getPeer()
         host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else "local"
         if not self.site.admit(host):
             self._refuse(TooManyConnections(f"too many connections from {host}", retry_after=1))
@@ -151,7 +160,7 @@ class LimitedChannel(HTTPChannel):
         self._stall = None
         super().resumeProducing()
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         for call in (self._deadline, self._stall, self._linger):
             self._cancel(call)
         self._deadline = self._stall = self._linger = None
@@ -173,7 +182,7 @@ class LimitedChannel(HTTPChannel):
         self._stall = None
         log.info("Closing a connection from {peer}: the response was left unread for {seconds:g} s",
                  peer=self._peer, seconds=self.site.limits.idle_timeout)
-        self.transport.abortConnection()
+        self._connection.abortConnection()
 
     def _refuse_oversized(self) -> None:
         limit = self.totalHeadersSize
@@ -198,15 +207,16 @@ class LimitedChannel(HTTPChannel):
         head += b"".join(b"%s: %s\r\n" % item for item in headers.items())
         # What the client still sends is dropped, so no backpressure is wanted; and TLS, holding
         # an answer written before its handshake, would pause our reading and so the handshake.
-        self._networkProducer.unregisterProducer()
+        # The network producer is the transport, or Twisted's stand-in with the same methods.
+        cast(IConsumer, self._networkProducer).unregisterProducer()
         self._networkProducer.resumeProducing()
-        self.transport.write(head + b"\r\n" + (b"" if self._method == b"HEAD" else body))
+        self._connection.write(head + b"\r\n" + (b"" if self._method == b"HEAD" else body))
         connection = plain_tcp(self.transport)
         if connection is not None:
             # The end of our answer is the end of the connection, for clients that read until then.
             # (TLS has no half-close: there the client closes, or the linger ends it.)
             connection.loseWriteConnection()
-        self._linger = self.callLater(_LINGER_SECONDS, self.transport.abortConnection)
+        self._linger = self.callLater(_LINGER_SECONDS, self._connection.abortConnection)
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:

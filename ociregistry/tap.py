@@ -9,23 +9,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import yaml
-
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.python.components import Componentized
-from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.resource import Resource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.components import Componentized
+from twisted.web.resource import Resource
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
@@ -48,15 +46,15 @@ from ociregistry.errors import OCIError
 from ociregistry.grammar import canonical_registry
 from ociregistry.index import Index, index_engine, masked_url
 from ociregistry.load import host_platform, make_preload_service
-from ociregistry.prune import make_prune_service, unindexed
-from ociregistry.store import BlobStore, CacheUnusable
-from ociregistry.threads import WorkerThreads
-from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_MIN_RATE_TEXT, DEFAULT_RATE_WINDOW, parse_rate
-from ociregistry.upstream import Upstream
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
-from ociregistry.tls import ServerTLS
+from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.site import ClientLimits, LimitedSite
+from ociregistry.store import BlobStore, CacheUnusable
+from ociregistry.threads import WorkerThreads
+from ociregistry.tls import ServerTLS
+from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_MIN_RATE_TEXT, DEFAULT_RATE_WINDOW, parse_rate
+from ociregistry.upstream import Upstream
 from ociregistry.web import Health, RegistryAPI, Root, plain_http
 
 log = Logger()
@@ -139,7 +137,7 @@ class Options(usage.Options):
         f"${RUST_CREDENTIALS_VARIABLE}, the Rust oci-registry's map of registry to {{username, password}}; "
         f"the configuration file wins over ${CREDENTIALS_VARIABLE}, which wins over ${RUST_CREDENTIALS_VARIABLE}."
     )
-    optParameters: list[list[Any]] = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["image-path", None, None, "Where the cache lives [default: /var/lib/ociregistry]."],
         ["port", "p", None, "TCP port to listen on [default: 8080]."],
         ["host", None, None, "Address to listen on [default: all addresses]."],
@@ -182,7 +180,7 @@ class Options(usage.Options):
         ["client-idle-timeout", None, "60", "Seconds a client connection may idle, or leave a response unread."],
         ["client-max-connections", None, "256", "Connections one client address may hold open at once."],
     ]
-    optFlags: list[list[Any]] = [
+    optFlags: ClassVar[list[list[Any]]] = [
         ["always-pull-latest", None, "Recheck tag 'latest' upstream on every request."],
         ["air-gapped", None, "Never contact an upstream: serve only what is cached."],
         ["allow-any-upstream", None, "Let clients name any upstream host, even private or loopback addresses."],
@@ -210,7 +208,7 @@ class Options(usage.Options):
                 settings = load_config_file(self["config-file"])
             settings = replace(settings, registries=credentials_from_environment(settings.registries, os.environ))
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
         self.config = build_config(self, settings)
         if self["print-config"]:
             print(yaml.safe_dump(self.config.masked(), sort_keys=False), end="")
@@ -233,7 +231,7 @@ def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
         try:
             seconds = parse_duration(str(value))
         except ValueError as e:
-            raise usage.UsageError(f"--{option}: {e}")
+            raise usage.UsageError(f"--{option}: {e}") from None
     if seconds < 0 or (seconds == 0 and not allow_never):
         raise usage.UsageError(f"--{option}: must be a positive duration: {value!r}")
     return seconds
@@ -246,7 +244,7 @@ def _count(option: str, value: Any) -> int:
         if number < 1:
             raise ValueError
     except ValueError:
-        raise usage.UsageError(f"--{option}: must be a positive whole number: {value!r}")
+        raise usage.UsageError(f"--{option}: must be a positive whole number: {value!r}") from None
     return number
 
 
@@ -257,7 +255,7 @@ def _tcp(option: str, port: Any, host: str) -> str:
         if not 0 <= number < 65536:
             raise ValueError
     except ValueError:
-        raise usage.UsageError(f"{option}: not a TCP port number: {port!r}")
+        raise usage.UsageError(f"{option}: not a TCP port number: {port!r}") from None
     return f"tcp:{number}" + (f":interface={host}" if host else "")
 
 
@@ -284,7 +282,7 @@ def _server_tls(options: usage.Options, settings: FileSettings) -> ServerTLSSett
     try:
         ServerTLS(settings_tls)
     except Exception as e:
-        raise usage.UsageError(f"--tls-cert/--tls-key: cannot be used: {e}")
+        raise usage.UsageError(f"--tls-cert/--tls-key: cannot be used: {e}") from None
     return settings_tls
 
 
@@ -303,34 +301,34 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         try:
             serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"--listen: invalid endpoint {description!r}: {e}")
+            raise usage.UsageError(f"--listen: invalid endpoint {description!r}: {e}") from None
     default_ns = _choose(options["default-ns"], settings.default_ns, "docker.io")
     try:
         default_ns = canonical_registry(default_ns)
     except OCIError:
-        raise usage.UsageError(f"--default-ns: not a registry host: {default_ns!r}")
+        raise usage.UsageError(f"--default-ns: not a registry host: {default_ns!r}") from None
     try:
         max_manifest_size = parse_size(options["max-manifest-size"] or "8MiB")
     except ValueError as e:
-        raise usage.UsageError(f"--max-manifest-size: {e}")
+        raise usage.UsageError(f"--max-manifest-size: {e}") from None
     if max_manifest_size < 4 * 1024 * 1024:
         raise usage.UsageError("--max-manifest-size: must be at least 4MiB")
     try:
         min_rate, rate_window = parse_rate(options["min-rate"] or DEFAULT_MIN_RATE_TEXT)
     except ValueError as e:
-        raise usage.UsageError(f"--min-rate: {e}")
+        raise usage.UsageError(f"--min-rate: {e}") from None
     admin_listen = options["admin-listen"] or DEFAULT_LISTEN
     if admin_listen != "none":
         try:
             serverFromString(reactor, admin_listen)
         except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"--admin-listen: invalid endpoint {admin_listen!r}: {e}")
+            raise usage.UsageError(f"--admin-listen: invalid endpoint {admin_listen!r}: {e}") from None
     admin_token = None
     if options["admin-token-file"]:
         try:
             admin_token = read_token(options["admin-token-file"])
         except (OSError, ValueError) as e:
-            raise usage.UsageError(f"--admin-token-file: {e}")
+            raise usage.UsageError(f"--admin-token-file: {e}") from None
     server_tls = _server_tls(options, settings)
     tls_port = options["tls-port"]
     tls_listen: tuple[str, ...] = ()
@@ -555,7 +553,10 @@ def make_site(cache: Cache, config: ServerConfig, metrics: Metrics) -> tuple[Lim
 
 def makeService(options: Options) -> IService:
     """Open the cache, and listen where the options say."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
+
+    # The installed reactor provides every reactor interface the services use.
+    reactor: Any = installed
 
     config: ServerConfig = options.config
     metrics = Metrics([config.default_ns, *(r.name for r in config.registries)])
@@ -584,7 +585,7 @@ def makeService(options: Options) -> IService:
         return found if preload is None else preload.hold(found)
 
     for description in config.listen:
-        factory = site if description.startswith("ssl:") else plain_http(site)
+        factory: IProtocolFactory = site if description.startswith("ssl:") else plain_http(site)
         StreamServerEndpointService(endpoint(description), factory).setServiceParent(listeners)
     if config.admin_listen != "none":
         make_admin_service(index, config.image_path, config.admin_listen, reactor, reactor.stop,
@@ -596,11 +597,11 @@ def makeService(options: Options) -> IService:
         for description in config.tls_listen:
             factory = TLSMemoryBIOFactory(tls, False, site)
             StreamServerEndpointService(endpoint(description), factory).setServiceParent(listeners)
-    for description, name, resource in [(config.health_listen, b"health", Health(cache.health)),
-                                        (config.metrics_listen, b"metrics", metrics.resource())]:
-        if description is not None:
+    for own_listen, name, resource in [(config.health_listen, b"health", Health(cache.health)),
+                                       (config.metrics_listen, b"metrics", metrics.resource())]:
+        if own_listen is not None:
             own = plain_http(LimitedSite(Root({name: resource}), config.client_limits()))
-            StreamServerEndpointService(serverFromString(reactor, description), own).setServiceParent(service)
+            StreamServerEndpointService(serverFromString(reactor, own_listen), own).setServiceParent(service)
     if swept:
         log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)
     return service
@@ -618,10 +619,10 @@ def _hand_over(image_path: str, twistd_options: usage.Options | None) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
-def _flush_pulls(index: Index) -> "Deferred[object]":
+def _flush_pulls(index: Index) -> Deferred[object]:
     return index.flush_pulls().addErrback(lambda failure: log.failure("Could not record pull times", failure))
 
 
-def _refresh_metrics(metrics: Metrics, index: Index) -> "Deferred[object]":
+def _refresh_metrics(metrics: Metrics, index: Index) -> Deferred[object]:
     return Deferred.fromCoroutine(metrics.refresh(index)).addErrback(
         lambda failure: log.failure("Could not refresh the cache size metrics", failure))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ociregistry.config import ServerTLSSettings
 
 log = Logger()
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerTLS:
     """An OpenSSL context factory whose context can be replaced while serving.
 

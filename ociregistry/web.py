@@ -7,11 +7,12 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlencode
 
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -189,7 +190,7 @@ class BlobSender:
         # Abort rather than end cleanly: the client must not take a short or wrong body as whole.
         transport = self._request.channel.transport if self._request.channel else None
         if transport is not None:
-            transport.abortConnection()
+            cast(ITCPTransport, transport).abortConnection()
 
     def _finish(self) -> None:
         self._close()
@@ -240,8 +241,9 @@ def _resume_when_writable(transport: tcp.Connection) -> None:
     This is what the transport does when its own buffer is full; with its buffer empty it
     resumes the producer as soon as the socket is writable, on a later reactor turn.
     """
+    # The channel is registered as the transport's push producer while it sends.
     transport.producerPaused = True
-    transport.producer.pauseProducing()
+    cast(IPushProducer, transport.producer).pauseProducing()
     transport.startWriting()
 
 
@@ -291,7 +293,7 @@ class RegistryAPI(Resource):
     async def _respond(self, request: RegistryRequest) -> None:
         lookups_on_behalf_of(request.getClientAddress())
         request.setHeader(*_API_VERSION)
-        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
         try:
             if request.method not in (b"GET", b"HEAD"):
                 raise unsupported("this registry is a pull-only mirror: push and delete are not supported")
@@ -415,7 +417,7 @@ class _RefuseTLS(ProtocolWrapper):
     def dataReceived(self, data: bytes) -> None:
         if self._first:
             self._first = False
-            if data[:1] == b"\x16":
+            if data[:1] == b"\x16" and self.transport is not None:
                 self.transport.loseConnection()
                 return
         super().dataReceived(data)

@@ -98,10 +98,11 @@ class AbortMemoryTests(WorkspaceTestCase):
         blob = os.urandom(BLOB_SIZE)
         upstream.blobs[digest_of(blob)] = blob
         self.blob_path = f"/v2/app/blobs/{digest_of(blob)}?ns={registry}"
-        # Every client comes from 127.0.0.1: let it hold them all at once.
+        # Every client comes from 127.0.0.1: let it hold them all at once, beside the
+        # kept-alive connection that checks the blob before and after.
         return await start_server(self.path("cache"), test=self, args=(
             "--config-file", self.config([{"name": registry, "scheme": "http"}]),
-            "--client-max-connections", str(CLIENTS), *args))
+            "--client-max-connections", str(CLIENTS + 1), *args))
 
     async def test_plain_http(self) -> None:
         """500 clients at once reading 8 MiB of a cached 16 MiB blob and aborting grow RSS by under 100 MiB."""
