@@ -210,8 +210,7 @@ class S3Store:
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
-            agent = Agent(reactor, pool=self._pool)
-        self._http = HTTPClient(agent)
+        self._http = HTTPClient(agent or Agent(reactor, pool=self._pool))
         self._credentials = Credentials(config.access_key, config.secret_key)
         self._base = f"{config.endpoint.rstrip('/')}/{quote(config.bucket, safe='')}"
         self._where = f"bucket {config.bucket} at {config.endpoint}"
@@ -481,9 +480,9 @@ def _extent(response: IResponse) -> tuple[int, int, int]:
     """First and last byte positions of a GET answer, and the whole object's size."""
     content_range = _header(response, "Content-Range")
     if response.code == 206 and content_range:
-        positions, _, size = content_range.removeprefix("bytes ").partition("/")
+        positions, _, total = content_range.removeprefix("bytes ").partition("/")
         first, _, last = positions.partition("-")
-        return int(first), int(last), int(size)
+        return int(first), int(last), int(total)
     # Twisted keeps a GET's Content-Length to itself, as the response's length.
     size = response.length if isinstance(response.length, int) else 0
     return 0, size - 1, size

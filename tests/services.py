@@ -117,21 +117,25 @@ class Daemons:
         parts = [_tail(os.path.join(self.directory, f"{name}.log"), 3000), _tail(self.log_path(name), 1500)]
         return "\n".join(part for part in parts if part.strip()) or "(no output)"
 
-    async def run(self, name: str, argv: Sequence[str], *, input: bytes | None = None) -> str:
-        """Run a setup command to completion (in a thread, bounded in time); its output."""
+    async def run(self, name: str, argv: Sequence[str], *, also: Sequence[str] = ()) -> str:
+        """Run a setup command to completion (in a thread, bounded in time); its output.
+
+        A failure shows the command's output and the logs of the daemons it talks to (``also``).
+        """
         def call() -> subprocess.CompletedProcess[bytes]:
-            return subprocess.run(list(argv), input=input, capture_output=True, cwd=self.directory,
+            return subprocess.run(list(argv), capture_output=True, cwd=self.directory,
                                   timeout=COMMAND_TIMEOUT)
+
+        def logs() -> str:
+            return "\n".join(f"--- {log}:\n{self.tail(log)}" for log in (name, *also))
         try:
             done = await deferToThread(call)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{name} did not finish in {COMMAND_TIMEOUT:.0f} s:\n"
-                               f"{self.tail(name)}") from None
-        output = (done.stdout + done.stderr).decode("utf-8", "replace")
-        with open(self.log_path(name), "a") as f:
-            f.write(output)
+            raise RuntimeError(f"{name} did not finish in {COMMAND_TIMEOUT:.0f} s:\n{logs()}") from None
+        with open(self.log_path(name), "ab") as f:
+            f.write(done.stdout + done.stderr)
         if done.returncode != 0:
-            raise RuntimeError(f"{name} ({argv[0]}) failed with {done.returncode}:\n{self.tail(name)}")
+            raise RuntimeError(f"{name} ({argv[0]}) failed with {done.returncode}:\n{logs()}")
         return done.stdout.decode("utf-8", "replace")
 
     def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
@@ -200,6 +204,7 @@ keyring = {dir}/keyring
 run dir = {dir}/run
 crash dir = {dir}/crash
 log file = {dir}/$name.log
+mon cluster log file = default={dir}/$cluster.$channel.log cluster={dir}/$cluster.log
 admin socket = {dir}/run/$name.asok
 pid file = {dir}/run/$name.pid
 mon data = {dir}/$name
@@ -293,7 +298,9 @@ async def start_ceph_rgw() -> CephRGW:
     try:
         return await _start_ceph(directory, daemons)
     except BaseException:
+        # The error carries the logs that matter; nothing is left behind.
         daemons.stop()
+        shutil.rmtree(directory, ignore_errors=True)
         raise
 
 
@@ -319,7 +326,8 @@ async def _start_ceph(directory: str, daemons: Daemons) -> CephRGW:
     osd_uuid = str(uuid.uuid4())
     # Registering the OSD with the monitor and making its store are independent.
     registered = Deferred.fromCoroutine(daemons.run("osd new", ["ceph", *conf, "--connect-timeout", "20",
-                                                                "osd", "new", osd_uuid, "0"]))
+                                                                "osd", "new", osd_uuid, "0"],
+                                                    also=["mon.a"]))
     await daemons.run("osd.0", ["ceph-osd", *conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid])
     await registered
     if mon.poll() is not None:
@@ -330,7 +338,7 @@ async def _start_ceph(directory: str, daemons: Daemons) -> CephRGW:
     secret_key = secrets.token_urlsafe(30)
     user = Deferred.fromCoroutine(daemons.run("radosgw-admin", [
         "radosgw-admin", *conf, "user", "create", "--uid", "ociregistry", "--display-name", "ociregistry",
-        "--access-key", access_key, "--secret-key", secret_key]))
+        "--access-key", access_key, "--secret-key", secret_key], also=["osd.0"]))
     endpoint = f"http://127.0.0.1:{rgw_port}"
     await daemons.until("client.rgw.a", rgw, lambda: _http_answers(endpoint + "/"))
     await user
