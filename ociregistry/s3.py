@@ -223,7 +223,7 @@ class S3Store:
         if response.code == 404:
             return None
         if response.code != 200:
-            raise await self._refused(response, f"HEAD {key}")
+            raise self._refusal(response.code, b"", f"HEAD {key}")
         return int(_header(response, "Content-Length") or 0)
 
     async def open_range(self, key: str, start: int | None = None,
@@ -261,9 +261,7 @@ class S3Store:
     async def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens when there is none)."""
         response = await self._call("DELETE", key, what=f"DELETE {key}")
-        if response.code not in (200, 204, 404):
-            raise await self._refused(response, f"DELETE {key}")
-        await treq.content(response)
+        await self._ok(response, f"DELETE {key}", 204, 404)
 
     def presign_get(self, key: str, expires: int) -> str:
         """A URL that GETs the object at ``key`` without credentials for ``expires`` seconds."""
@@ -308,23 +306,15 @@ class S3Store:
             response = await self._call("GET", None, query={"max-keys": "0"}, what="list")
         except StoreFailing as e:
             raise StorageUnavailable(f"{self._where}: unreachable ({e.reason})") from None
-        body = await treq.content(response)
-        if response.code == 200:
-            return f"{self._where}: reachable"
-        code, message = _error_code(body)
-        if code == "NoSuchBucket" or response.code == 404:
-            raise StorageUnavailable(f"{self._where}: missing")
-        if code in _CREDENTIALS:
-            raise StorageUnavailable(f"{self._where}: {_CREDENTIALS[code]}")
-        raise StorageUnavailable(f"{self._where}: refused ({response.code} {code or message})".rstrip())
+        await self._ok(response, "list")
+        return f"{self._where}: reachable"
 
     async def create_bucket(self) -> None:
         """Make the bucket (an existing bucket of ours is fine)."""
         response = await self._call("PUT", None, what="create bucket")
         body = await treq.content(response)
         if response.code != 200 and _error_code(body)[0] != "BucketAlreadyOwnedByYou":
-            raise StorageUnavailable(f"{self._where}: cannot be created ({response.code} "
-                                     f"{_error_code(body)[0]})")
+            raise self._refusal(response.code, body, "create bucket")
 
     async def close(self) -> None:
         """Close the connections kept open to the store."""
@@ -406,22 +396,26 @@ class S3Store:
             if timer.active():
                 timer.cancel()
 
-    async def _refused(self, response: IResponse, what: str) -> StorageUnavailable:
+    def _refusal(self, status: int, body: bytes, what: str) -> StorageUnavailable:
         """The error for an answer we cannot use, named after the store's error code."""
-        code, message = _error_code(await treq.content(response))
-        if code in _CREDENTIALS or response.code == 403:
+        code, message = _error_code(body)
+        if code in _CREDENTIALS or status == 403:
             why = _CREDENTIALS.get(code, "wrong credentials (403)")
         elif code == "NoSuchBucket":
             why = "missing"
         else:
-            why = f"{what} answered {response.code} {code or message}".rstrip()
+            why = f"{what} answered {status} {code or message}".rstrip()
         return StorageUnavailable(f"{self._where}: {why}")
 
-    async def _ok(self, response: IResponse, what: str) -> bytes:
-        """The body of a 200 answer; otherwise the store's refusal raised."""
-        if response.code != 200:
-            raise await self._refused(response, what)
+    async def _refused(self, response: IResponse, what: str) -> StorageUnavailable:
+        """``_refusal`` for a response whose body is still to be read."""
+        return self._refusal(response.code, await treq.content(response), what)
+
+    async def _ok(self, response: IResponse, what: str, *also: int) -> bytes:
+        """The body of a 200 answer (or one of the statuses ``also``); otherwise the refusal raised."""
         body: bytes = await treq.content(response)
+        if response.code != 200 and response.code not in also:
+            raise self._refusal(response.code, body, what)
         return body
 
     # Uploads
@@ -460,8 +454,7 @@ class S3Store:
             if await self.stat(key) == size:
                 return
         if response.code != 200:
-            raise StorageUnavailable(f"{self._where}: {what} answered {response.code} "
-                                     f"{_error_code(answer)[0]}".rstrip())
+            raise self._refusal(response.code, answer, what)
         # S3 may answer 200 and still report an error in the body.  (Ceph RGW's
         # answer carries an empty ETag, so nothing here relies on it.)
         if _xml(answer, what).tag.endswith("Error"):
@@ -470,10 +463,7 @@ class S3Store:
     async def _abort_upload(self, key: str, upload_id: str) -> None:
         what = f"abort multipart upload of {key}"
         response = await self._call("DELETE", key, query={"uploadId": upload_id}, what=what)
-        body = await treq.content(response)
-        if response.code not in (200, 204, 404):
-            raise StorageUnavailable(f"{self._where}: {what} answered {response.code} "
-                                     f"{_error_code(body)[0]}".rstrip())
+        await self._ok(response, what, 204, 404)
 
 
 def _extent(response: IResponse) -> tuple[int, int, int]:

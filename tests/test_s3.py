@@ -11,6 +11,7 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -314,8 +315,9 @@ class FakeS3(Resource):
     """An S3 store in memory whose answers a test scripts per operation.
 
     ``faults[operation]`` is a list of actions used up in order ("500", "503",
-    "reset", "silent", "cut" for a GET that breaks off halfway); ``always`` names
-    operations that fail that way for ever.
+    "reset", "silent", "held" to answer only when ``release`` fires, "cut" for a
+    GET that breaks off halfway); ``always`` names operations that fail that way
+    for ever.
     """
 
     isLeaf = True
@@ -327,6 +329,7 @@ class FakeS3(Resource):
         self.faults: dict[str, list[str]] = {}
         self.always: dict[str, str] = {}
         self.seen: list[tuple[str, str]] = []
+        self.release: Deferred[None] = Deferred()
 
     def operation(self, request: Request) -> str:
         """What the request does: head, get, put, create, part, complete, abort, list, delete."""
@@ -350,9 +353,17 @@ class FakeS3(Resource):
             return NOT_DONE_YET
         if action == "silent":
             return NOT_DONE_YET
+        if action == "held":
+            self.release.addCallback(lambda _: (request.write(self.answer(request, operation, key)),
+                                                request.finish()))
+            return NOT_DONE_YET
         if action in ("500", "503"):
             request.setResponseCode(int(action))
             return b"<Error><Code>ServiceUnavailable</Code></Error>"
+        return self.answer(request, operation, key, action)
+
+    def answer(self, request: Request, operation: str, key: str, action: str | None = None) -> Any:
+        """What a working store answers (``action`` "cut" breaks a GET off halfway)."""
         body = request.content.read()  # type: ignore[union-attr]
         upload_id = (request.args.get(b"uploadId") or [b""])[0].decode()
         if operation == "create":
@@ -419,6 +430,24 @@ class FaultTests(TestCase):
         await writer.commit()
         self.assertEqual(self.fake.objects[writer.key], data)
         self.assertEqual((self.count("part"), self.count("complete")), (3, 1))
+
+    async def test_writer_waits_for_a_full_part_to_be_stored(self) -> None:
+        """The write that fills a part returns only once the store has taken it: one part in memory."""
+        self.fake.faults["part"] = ["held"]
+        start, fill = os.urandom(MINIMUM_PART - CHUNK), os.urandom(CHUNK)
+        writer = await _write(self.store, start, _digest(start + fill + b"last"))
+        filling = Deferred.fromCoroutine(writer.write(fill))
+        while self.count("part") == 0:
+            await wait(0.01)
+        await wait(0.1)
+        self.assertFalse(filling.called)
+        self.fake.release.callback(None)
+        await filling
+        await writer.write(b"last")
+        self.assertEqual(self.count("part"), 1)
+        await writer.commit()
+        self.assertEqual((self.count("part"), self.count("complete")), (2, 1))
+        self.assertEqual(self.fake.objects[writer.key], start + fill + b"last")
 
     async def test_reset_mid_upload_aborts(self) -> None:
         """A store that resets every part upload gets the upload aborted and a clear 503 error."""
