@@ -16,6 +16,7 @@ silence) are retried a bounded number of times, then raised as
 from __future__ import annotations
 
 import hashlib
+import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ MINIMUM_PART = 5 * MIB
 PART_SIZE = 8 * MIB
 _SLICE = 64 * 1024
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Answers that say "try again": the store is overloaded or failing for now.
 _RETRIED = frozenset({500, 502, 503, 504})
@@ -201,6 +203,10 @@ class S3Store:
                  part_size: int = PART_SIZE) -> None:
         if part_size < MINIMUM_PART:
             raise ValueError(f"S3 parts must be at least {MINIMUM_PART} bytes")
+        if not _BUCKET.fullmatch(config.bucket):
+            # Ceph RGW, like AWS, refuses names shorter than 3 characters.
+            raise ValueError(f"{config.bucket!r} is not a bucket name: 3 to 63 lowercase letters, "
+                             "digits, dots and hyphens, starting and ending with a letter or digit")
         self.config = config
         self.part_size = part_size
         self.retries = retries

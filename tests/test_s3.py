@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from ociregistry.errors import RangeNotSatisfiable, StorageUnavailable, answer_for
@@ -317,7 +317,8 @@ class FakeS3(Resource):
     ``faults[operation]`` is a list of actions used up in order ("500", "503",
     "reset", "silent", "held" to answer only when ``release`` fires, "cut" for a
     GET that breaks off halfway); ``always`` names operations that fail that way
-    for ever.
+    for ever.  A "part" that resets does so while its body arrives (see
+    ``_ResettingRequest``).
     """
 
     isLeaf = True
@@ -407,12 +408,34 @@ class FakeS3(Resource):
         return content[first:last + 1]
 
 
+class _ResettingRequest(Request):
+    """Resets the connection after 1 MiB of a part's body when the fake store says so."""
+
+    received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.received += len(data)
+        fake = self.channel.site.resource  # type: ignore[union-attr]
+        # Method and URI are set on the request only once its body is complete.
+        command, path = self.channel._command, self.channel._path  # type: ignore[union-attr]
+        if self.received > MIB and command == b"PUT" and b"partNumber=" in path:
+            pending = fake.faults.get("part")
+            action = pending[0] if pending else fake.always.get("part")
+            if action == "reset":
+                if pending:
+                    pending.pop(0)
+                fake.seen.append(("part", "reset while its body arrived"))
+                self.channel.transport.abortConnection()  # type: ignore[union-attr]
+                return
+        super().handleContentChunk(data)
+
+
 class FaultTests(TestCase):
     """What the driver does when the store fails in ways a real Ceph will not."""
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.fake = FakeS3()
-        port, listening = await listen(self.fake)
+        port, listening = await listen(Site(self.fake, requestFactory=_ResettingRequest))
         self.addCleanup(listening.stopListening)
         self.store = S3Store(S3Config(f"http://127.0.0.1:{port}", "bucket", "AK", "SK"), reactor=reactor,
                              part_size=MINIMUM_PART, retries=2, backoff=0.01, timeout=0.5)
@@ -450,12 +473,12 @@ class FaultTests(TestCase):
         self.assertEqual(self.fake.objects[writer.key], start + fill + b"last")
 
     async def test_reset_mid_upload_aborts(self) -> None:
-        """A store that resets every part upload gets the upload aborted and a clear 503 error."""
+        """A store that resets every part while it is sent gets the upload aborted and a clear 503 error."""
         self.fake.always["part"] = "reset"
         writer = self.store.begin(key_for(_digest(b"x")), _digest(b"x"))
         with self.assertRaises(StoreFailing) as caught:
             await writer.write(os.urandom(6 * MIB))
-        self.assertEqual(self.count("part"), 3)
+        self.assertEqual(self.fake.seen.count(("part", "reset while its body arrived")), 3)
         self.assertEqual(self.count("abort"), 1)
         self.assertEqual(self.fake.uploads, {})
         self.assertEqual(self.fake.objects, {})
@@ -494,3 +517,19 @@ class FaultTests(TestCase):
         resumed = [r for op, r in self.fake.seen if op == "get"]
         self.assertEqual(len(resumed), 2)
         self.assertRegex(resumed[1], r"^bytes=\d+-%d$" % (len(data) - 1))
+
+
+class SettingsTests(TestCase):
+    """Settings the store would refuse are refused before any request."""
+
+    def test_bucket_names(self) -> None:
+        """Bucket names follow S3's rules (Ceph RGW too wants at least 3 characters)."""
+        for name in ("ab", "Upper", "-dash", "under_score", "x" * 64):
+            with self.assertRaises(ValueError):
+                S3Store(S3Config("http://127.0.0.1:1", name, "AK", "SK"), reactor=reactor)
+        S3Store(S3Config("http://127.0.0.1:1", "abc", "AK", "SK"), reactor=reactor)
+
+    def test_part_size(self) -> None:
+        """Parts below S3's 5 MiB minimum are refused."""
+        with self.assertRaises(ValueError):
+            S3Store(S3Config("http://127.0.0.1:1", "abc", "AK", "SK"), reactor=reactor, part_size=MINIMUM_PART - 1)
