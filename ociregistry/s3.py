@@ -341,7 +341,8 @@ class S3Store:
 
     async def _call(self, method: str, key: str | None, *, what: str,
                     query: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-                    body: bytes | None = None, payload_sha256: str | None = None) -> IResponse:
+                    body: bytes | None = None, payload_sha256: str | None = None,
+                    retries: int | None = None) -> IResponse:
         """Send a signed request, retrying failures of the store; the response, body unread.
 
         Every request we make is idempotent (a repeated part or object PUT writes the
@@ -352,7 +353,8 @@ class S3Store:
         if body is not None and payload_sha256 is None:
             payload_sha256 = hashlib.sha256(body).hexdigest()
         reason = ""
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             if attempt:
                 await deferLater(self._clock, self._backoff * 2 ** (attempt - 1), lambda: None)
             request = AWSRequest(method=method, url=url, headers=dict(headers or {}))
@@ -370,9 +372,9 @@ class S3Store:
                 reason = f"{response.code} {code}".rstrip()
             log.warn("S3 {what} at {endpoint} failed (try {attempt} of {tries}): {reason}",
                      what=what, endpoint=self.config.endpoint, attempt=attempt + 1,
-                     tries=self.retries + 1, reason=reason)
-        raise StoreFailing(f"S3 {what} at {self.config.endpoint} failed {self.retries + 1} times: "
-                           f"{reason}", f"{reason}, {self.retries + 1} tries")
+                     tries=retries + 1, reason=reason)
+        raise StoreFailing(f"S3 {what} at {self.config.endpoint} failed {retries + 1} times: "
+                           f"{reason}", f"{reason}, {retries + 1} tries")
 
     async def _send(self, method: str, url: str, headers: dict[str, str],
                     body: IBodyProducer | None) -> IResponse:
@@ -466,9 +468,10 @@ class S3Store:
         if _xml(answer, what).tag.endswith("Error"):
             raise StorageUnavailable(f"{self._where}: {what} failed: {_error_code(answer)[0]}")
 
-    async def _abort_upload(self, key: str, upload_id: str) -> None:
+    async def _abort_upload(self, key: str, upload_id: str, retries: int | None = None) -> None:
         what = f"abort multipart upload of {key}"
-        response = await self._call("DELETE", key, query={"uploadId": upload_id}, what=what)
+        response = await self._call("DELETE", key, query={"uploadId": upload_id}, what=what,
+                                    retries=retries)
         await self._ok(response, what, 204, 404)
 
 
@@ -691,7 +694,9 @@ class S3Writer:
     async def abort(self) -> None:
         """Give up: drop the buffer and abort the multipart upload, if one was begun.
 
-        A failed abort is only logged: ``sweep_uploads`` removes the upload later.
+        The abort is tried once (a writer is often aborted because the store is
+        failing); a failed abort is only logged: ``sweep_uploads`` removes the
+        upload later.
         """
         self._finished = True
         self._chunks, self._buffered = [], 0
@@ -699,7 +704,7 @@ class S3Writer:
         if upload_id is None:
             return
         try:
-            await self._store._abort_upload(self.key, upload_id)
+            await self._store._abort_upload(self.key, upload_id, retries=0)
         except StorageUnavailable as e:
             log.warn("Could not abort the upload of {key}: {error}", key=self.key, error=e.message)
 

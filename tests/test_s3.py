@@ -196,6 +196,17 @@ class CephRoundTripTests(CephTestCase):
         self.assertIsNone(await self.store.open_range(key))
         await self.store.delete(key)
 
+    async def test_discarded_body(self) -> None:
+        """A body that is opened and then not wanted is dropped, and the store goes on working."""
+        writer = await _write(self.store, os.urandom(MIB))
+        await writer.commit()
+        body = await self.store.open_range(writer.key)
+        assert body is not None
+        body.discard()
+        with self.assertRaises(ValueError):
+            await body.deliver(Sink())
+        self.assertEqual(await self.store.stat(writer.key), MIB)
+
     async def test_delete(self) -> None:
         """A deleted object is gone."""
         writer = await _write(self.store, b"doomed")
@@ -486,6 +497,16 @@ class FaultTests(TestCase):
         self.assertIn("failed 3 times", caught.exception.message)
         with self.assertRaises(ValueError):
             await writer.write(b"more")
+
+    async def test_abort_of_a_failed_upload_is_tried_once(self) -> None:
+        """When a store keeps failing a part, the abort that follows is one request, not more retries."""
+        self.fake.always["part"] = "503"
+        self.fake.always["abort"] = "503"
+        writer = self.store.begin("blobs/x", _digest(b"x"))
+        with self.assertRaises(StoreFailing):
+            await writer.write(os.urandom(MINIMUM_PART))
+        self.assertEqual((self.count("part"), self.count("abort")), (3, 1))
+        self.assertEqual(list(self.fake.uploads), ["u1"])   # left for sweep_uploads
 
     async def test_503_for_ever_is_a_clear_error(self) -> None:
         """A store that answers 503 for ever makes a bounded number of tries, then a JSON 503."""
