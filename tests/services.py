@@ -97,8 +97,9 @@ class Shared(Generic[S]):
 
 def _die_with_parent() -> None:
     # A daemon must not outlive an interrupted test run (atexit does not run on SIGKILL).
+    # SIGKILL, because radosgw waits for its cluster on SIGTERM, which may be gone by then.
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Daemons:
@@ -124,7 +125,7 @@ class Daemons:
         """
         def call() -> subprocess.CompletedProcess[bytes]:
             return subprocess.run(list(argv), capture_output=True, cwd=self.directory,
-                                  timeout=COMMAND_TIMEOUT)
+                                  timeout=COMMAND_TIMEOUT, preexec_fn=_die_with_parent)
 
         def logs() -> str:
             return "\n".join(f"--- {log}:\n{self.tail(log)}" for log in (name, *also))
