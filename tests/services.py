@@ -30,7 +30,7 @@ from typing import Generic, Protocol, TypeVar
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 
@@ -261,14 +261,9 @@ class CephRGW:
     daemons: Daemons
     region: str = "us-east-1"
 
-    def admin(self, *args: str) -> str:
-        """Run radosgw-admin against this cluster (blocking: for assertions, not load)."""
-        return subprocess.run(["radosgw-admin", "-c", self.config, *args], capture_output=True,
-                              check=True, timeout=COMMAND_TIMEOUT, cwd=self.directory).stdout.decode()
-
     @property
     def config(self) -> str:
-        """The cluster's ceph.conf."""
+        """The cluster's ceph.conf, for ceph and radosgw-admin commands."""
         return os.path.join(self.directory, "ceph.conf")
 
     def stop(self) -> None:
@@ -305,8 +300,16 @@ async def start_ceph_rgw() -> CephRGW:
         raise
 
 
+async def _together(*steps: Awaitable[object]) -> None:
+    """Run independent steps at once; the first failure is raised once all have ended."""
+    try:
+        await gatherResults([Deferred.fromCoroutine(step) for step in steps], consumeErrors=True)  # type: ignore[arg-type]
+    except FirstError as e:
+        e.subFailure.raiseException()
+
+
 async def _start_ceph(directory: str, daemons: Daemons) -> CephRGW:
-    # The admin socket is a Unix socket, whose path must stay short.
+    # The monitor on one port, the OSD's four msgr2 listeners in the rest.
     base = _port_window(12)
     rgw_port = free_port()
     fsid = str(uuid.uuid4())
@@ -326,23 +329,22 @@ async def _start_ceph(directory: str, daemons: Daemons) -> CephRGW:
     mon = daemons.start("mon.a", ["ceph-mon", *conf, "-i", "a", "-f"])
     osd_uuid = str(uuid.uuid4())
     # Registering the OSD with the monitor and making its store are independent.
-    registered = Deferred.fromCoroutine(daemons.run("osd new", ["ceph", *conf, "--connect-timeout", "20",
-                                                                "osd", "new", osd_uuid, "0"],
-                                                    also=["mon.a"]))
-    await daemons.run("osd.0", ["ceph-osd", *conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid])
-    await registered
+    await _together(
+        daemons.run("osd new", ["ceph", *conf, "--connect-timeout", "20", "osd", "new", osd_uuid, "0"],
+                    also=["mon.a"]),
+        daemons.run("osd.0", ["ceph-osd", *conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid]))
     if mon.poll() is not None:
         raise RuntimeError(f"ceph-mon exited with {mon.returncode}:\n{daemons.tail('mon.a')}")
     daemons.start("osd.0", ["ceph-osd", *conf, "-i", "0", "-f"])
     rgw = daemons.start("client.rgw.a", ["radosgw", *conf, "-n", "client.rgw.a", "-f"])
     access_key = "OCIREG" + secrets.token_hex(7).upper()
     secret_key = secrets.token_urlsafe(30)
-    user = Deferred.fromCoroutine(daemons.run("radosgw-admin", [
-        "radosgw-admin", *conf, "user", "create", "--uid", "ociregistry", "--display-name", "ociregistry",
-        "--access-key", access_key, "--secret-key", secret_key], also=["osd.0"]))
     endpoint = f"http://127.0.0.1:{rgw_port}"
-    await daemons.until("client.rgw.a", rgw, lambda: _http_answers(endpoint + "/"))
-    await user
+    await _together(
+        daemons.run("radosgw-admin", [
+            "radosgw-admin", *conf, "user", "create", "--uid", "ociregistry", "--display-name", "ociregistry",
+            "--access-key", access_key, "--secret-key", secret_key], also=["osd.0"]),
+        daemons.until("client.rgw.a", rgw, lambda: _http_answers(endpoint + "/")))
     return CephRGW(directory, endpoint, access_key, secret_key, daemons)
 
 
