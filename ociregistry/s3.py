@@ -260,6 +260,18 @@ class S3Store:
             raise await self._refused(response, what)
         return ObjectBody(self, key, response, *_extent(response))
 
+    async def read(self, key: str, limit: int = 4 * MIB) -> bytes | None:
+        """The whole of a small object (a manifest), or None; one larger than ``limit`` is refused."""
+        body = await self.open_range(key)
+        if body is None:
+            return None
+        if body.size > limit:
+            body.discard()
+            raise ValueError(f"{key} has {body.size} bytes, more than the {limit} asked for")
+        collected = _Collector()
+        await body.deliver(collected)
+        return b"".join(collected.chunks)
+
     def begin(self, key: str, digest: str, limit: int | None = None) -> "S3Writer":
         """Start writing the object at ``key``, whose bytes must hash to ``digest``."""
         return S3Writer(self, key, digest, limit)
@@ -560,6 +572,23 @@ class _Relay(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+@implementer(IConsumer)
+class _Collector:
+    """Keeps a small body in memory."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
 
 
 class _Discard(Protocol):

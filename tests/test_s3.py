@@ -182,12 +182,16 @@ class CephRoundTripTests(CephTestCase):
         self.assertEqual(caught.exception.size, size)
 
     async def test_small_object_is_one_put(self) -> None:
-        """An object smaller than a part is stored by commit without a multipart upload."""
+        """An object smaller than a part is stored by commit without a multipart upload, and read whole."""
         writer = await _write(self.store, b"small")
         self.assertEqual(await self.store.uploads(), [])
         self.assertIsNone(await self.store.stat(writer.key))
+        self.assertIsNone(await self.store.read(writer.key))
         await writer.commit()
         self.assertEqual(await self.store.stat(writer.key), 5)
+        self.assertEqual(await self.store.read(writer.key), b"small")
+        with self.assertRaises(ValueError):
+            await self.store.read(writer.key, limit=4)
 
     async def test_missing_object(self) -> None:
         """An object that is not there has no size and no body; delete of it is fine."""
@@ -327,7 +331,7 @@ class FakeS3(Resource):
 
     ``faults[operation]`` is a list of actions used up in order ("500", "503",
     "reset", "silent", "held" to answer only when ``release`` fires, "cut" for a
-    GET that breaks off halfway); ``always`` names operations that fail that way
+    GET that breaks off halfway, "stall" for one that stops sending halfway); ``always`` names operations that fail that way
     for ever.  A "part" that resets does so while its body arrives (see
     ``_ResettingRequest``).
     """
@@ -412,9 +416,10 @@ class FakeS3(Resource):
             request.setResponseCode(206)
             request.setHeader("Content-Range", f"bytes {first}-{last}/{len(content)}")
             request.setHeader("Content-Length", str(last - first + 1))
-        if action == "cut":
+        if action in ("cut", "stall"):
             request.write(content[first:first + (last - first + 1) // 2])
-            reactor.callLater(0.05, request.channel.transport.abortConnection)  # type: ignore[union-attr]
+            if action == "cut":
+                reactor.callLater(0.05, request.channel.transport.abortConnection)  # type: ignore[union-attr]
             return NOT_DONE_YET
         return content[first:last + 1]
 
@@ -529,15 +534,17 @@ class FaultTests(TestCase):
         self.assertLess(time.monotonic() - began, 3)
 
     async def test_broken_download_resumes_with_range(self) -> None:
-        """A GET that breaks off midway is resumed from the next byte; the client gets every byte once."""
+        """A GET that breaks off or stalls midway is resumed from the next byte; the client gets every byte once."""
         data = os.urandom(3 * MIB)
         self.fake.objects["blobs/x"] = data
-        self.fake.faults["get"] = ["cut"]
-        body, sink = await _read(self.store, "blobs/x")
-        self.assertEqual((sink.size, sink.data_digest), (len(data), _digest(data)))
-        resumed = [r for op, r in self.fake.seen if op == "get"]
-        self.assertEqual(len(resumed), 2)
-        self.assertRegex(resumed[1], r"^bytes=\d+-%d$" % (len(data) - 1))
+        for fault in ("cut", "stall"):
+            self.fake.seen.clear()
+            self.fake.faults["get"] = [fault]
+            body, sink = await _read(self.store, "blobs/x")
+            self.assertEqual((sink.size, sink.data_digest), (len(data), _digest(data)), fault)
+            resumed = [r for op, r in self.fake.seen if op == "get"]
+            self.assertEqual(len(resumed), 2)
+            self.assertRegex(resumed[1], r"^bytes=\d+-%d$" % (len(data) - 1))
 
 
 class SettingsTests(TestCase):
