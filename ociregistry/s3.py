@@ -29,24 +29,17 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-)
+from twisted.web.client import Agent, HTTPConnectionPool, RequestTransmissionFailed, ResponseFailed
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
 
+from ociregistry.bodies import BytesBody, Collector, Relay, discard
 from ociregistry.errors import RangeNotSatisfiable, StorageUnavailable
 from ociregistry.store import DigestMismatch, SizeExceeded
 
@@ -56,7 +49,6 @@ MIB = 1024 * 1024
 # S3 refuses parts below 5 MiB, except the last one of an upload.
 MINIMUM_PART = 5 * MIB
 PART_SIZE = 8 * MIB
-_SLICE = 64 * 1024
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -150,51 +142,6 @@ def _header(response: IResponse, name: str) -> str | None:
     return values[0].decode("latin-1") if values else None
 
 
-@implementer(IBodyProducer)
-class _BytesBody:
-    """Bytes of a part or small object, written to the connection in slices as it takes them."""
-
-    def __init__(self, data: bytes) -> None:
-        self.length = len(data)
-        self._view = memoryview(data)
-        self._offset = 0
-        self._paused = False
-        self._pumping = False
-        self._consumer: IConsumer | None = None
-        self._done: Deferred[None] = Deferred()
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        self._consumer = consumer
-        self._pump()
-        return self._done
-
-    def _pump(self) -> None:
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and self._consumer is not None and self._offset < self.length:
-                chunk = bytes(self._view[self._offset:self._offset + _SLICE])
-                self._offset += len(chunk)
-                self._consumer.write(chunk)
-        finally:
-            self._pumping = False
-        if self._consumer is not None and self._offset >= self.length:
-            self._consumer = None
-            self._done.callback(None)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        # The connection is gone; the request fails on its own, so _done never fires.
-        self._consumer = None
-
-
 class S3Store:
     """One bucket (and key prefix) of an S3-compatible store, used without blocking the reactor."""
 
@@ -268,7 +215,7 @@ class S3Store:
         if body.size > limit:
             body.discard()
             raise ValueError(f"{key} has {body.size} bytes, more than the {limit} asked for")
-        collected = _Collector()
+        collected = Collector()
         await body.deliver(collected)
         return b"".join(collected.chunks)
 
@@ -374,7 +321,7 @@ class S3Store:
             _Signer(self._credentials, "s3", self.config.region).add_auth(request)
             try:
                 response = await self._send(method, url, dict(request.headers.items()),
-                                            None if body is None else _BytesBody(body))
+                                            None if body is None else BytesBody(body))
             except _Failed as e:
                 reason = str(e)
             else:
@@ -499,104 +446,6 @@ def _extent(response: IResponse) -> tuple[int, int, int]:
     return 0, size - 1, size
 
 
-@implementer(IPushProducer)
-class _Relay(Protocol):
-    """Hands a response body to a consumer, which paces the store's connection through us.
-
-    A body that stops arriving for ``idle`` seconds (while the consumer is not
-    the one pausing it) is dropped, so that it can be resumed.
-    """
-
-    def __init__(self, consumer: IConsumer, clock: IReactorTime, idle: float) -> None:
-        self.received = 0
-        self.stopped = False
-        self.stalled = False
-        self.done: Deferred[None] = Deferred(lambda _: self._drop())
-        self._consumer = consumer
-        self._clock = clock
-        self._idle = idle
-        self._paused = False
-        self._timer: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        self._consumer.registerProducer(self, True)
-        self._arm()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += len(data)
-        self._arm()
-        self._consumer.write(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        self._disarm()
-        self._consumer.unregisterProducer()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._disarm()
-        if self.transport is not None:
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._arm()
-        if self.transport is not None:
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self._drop()
-
-    def _drop(self) -> None:
-        self._disarm()
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def _stall(self) -> None:
-        self._timer = None
-        self.stalled = True
-        self._drop()
-
-    def _arm(self) -> None:
-        self._disarm()
-        if not self._paused:
-            self._timer = self._clock.callLater(self._idle, self._stall)
-
-    def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-
-@implementer(IConsumer)
-class _Collector:
-    """Keeps a small body in memory."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()
-
-
 class ObjectBody:
     """The answer to ``open_range``: which bytes it holds, and a way to deliver them once."""
 
@@ -629,7 +478,7 @@ class ObjectBody:
         sent = 0
         resumed = 0
         while True:
-            relay = _Relay(consumer, store._clock, store._timeout)
+            relay = Relay(consumer, store._clock, store._timeout)
             response.deliverBody(relay)
             reason = ""
             try:
@@ -658,7 +507,7 @@ class ObjectBody:
         """Drop a body that will not be delivered (closes its connection)."""
         response, self._response = self._response, None
         if response is not None:
-            response.deliverBody(_Discard())
+            discard(response)
 
 
 class S3Writer:
