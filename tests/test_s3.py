@@ -193,6 +193,15 @@ class CephRoundTripTests(CephTestCase):
         with self.assertRaises(ValueError):
             await self.store.read(writer.key, limit=4)
 
+    async def test_empty_object(self) -> None:
+        """An empty object (OCI has empty blobs) is stored and read back as nothing."""
+        writer = self.store.begin(key_for(_digest(b"")), _digest(b""))
+        await writer.commit()
+        self.assertEqual(await self.store.stat(writer.key), 0)
+        body, sink = await _read(self.store, writer.key)
+        self.assertEqual((body.length, sink.size, sink.data_digest), (0, 0, _digest(b"")))
+        self.assertEqual(await self.store.read(writer.key), b"")
+
     async def test_missing_object(self) -> None:
         """An object that is not there has no size and no body; delete of it is fine."""
         key = key_for(_digest(b"absent"))
