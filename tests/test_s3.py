@@ -10,10 +10,12 @@ import time
 from typing import Any
 
 import treq
+from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -455,8 +457,117 @@ class _ResettingRequest(Request):
         super().handleContentChunk(data)
 
 
-class FaultTests(TestCase):
-    """What the driver does when the store fails in ways a real Ceph will not."""
+class _FakeStoreTests:
+    """What tests against the fake store share."""
+
+    fake: FakeS3
+
+    def count(self, operation: str) -> int:
+        """How many requests of an operation the fake store saw."""
+        return sum(1 for seen, _ in self.fake.seen if seen == operation)
+
+
+class RetryTests(_FakeStoreTests, SynchronousTestCase):
+    """Answers of a failing store, retried with backoff and time limits on a fake clock."""
+
+    def setUp(self) -> None:
+        self.fake = FakeS3()
+        self.clock = Clock()
+        self.agent = RequestTraversalAgent(self.fake)
+        self.store = S3Store(S3Config("http://s3.test", "bucket", "AK", "SK"), reactor=self.clock,
+                             agent=self.agent, part_size=MINIMUM_PART, retries=2, backoff=0.2, timeout=5)
+
+    def start(self, work: Any) -> Deferred[Any]:
+        """Begin some work of the driver and carry it as far as it goes without time passing."""
+        started = Deferred.fromCoroutine(work)
+        self.agent.flush()
+        return started
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass on the fake clock, and deliver what the fake store answers meanwhile."""
+        self.clock.advance(seconds)
+        self.agent.flush()
+
+    def test_500_then_success_is_retried(self) -> None:
+        """A part that fails once with 500 is sent again after the backoff, and the object is complete."""
+        self.fake.faults["part"] = ["500"]
+        data = os.urandom(6 * MIB)
+        writing = self.start(_write(self.store, data))
+        self.assertEqual(self.count("part"), 1)
+        self.assertNoResult(writing)
+        self.advance(0.2)
+        writer = self.successResultOf(writing)
+        self.successResultOf(self.start(writer.commit()))
+        self.assertEqual(self.fake.objects[writer.key], data)
+        self.assertEqual((self.count("part"), self.count("complete")), (3, 1))
+
+    def test_503_for_ever_is_a_clear_error(self) -> None:
+        """A store that answers 503 for ever is tried with doubling backoff, then a JSON 503."""
+        self.fake.always["head"] = "503"
+        stat = self.start(self.store.stat("blobs/sha256/abc"))
+        for wait_for, tries in ((0.2, 2), (0.4, 3)):
+            self.advance(wait_for - 0.01)
+            self.assertEqual(self.count("head"), tries - 1)
+            self.advance(0.01)
+            self.assertEqual(self.count("head"), tries)
+        error = self.failureResultOf(stat, StoreFailing).value
+        self.assertEqual(error.message, "S3 HEAD blobs/sha256/abc at http://s3.test failed 3 times: 503")
+        answer = answer_for(error)
+        self.assertEqual((answer.status, answer.code), (503, "UNAVAILABLE"))
+
+    def test_silent_store_times_out(self) -> None:
+        """A store that never answers is given up on after the timeout of each try."""
+        self.fake.always["head"] = "silent"
+        stat = self.start(self.store.stat("blobs/sha256/abc"))
+        for seconds in (5, 0.2, 5, 0.4, 4.9):   # each try's timeout, then the backoff
+            self.advance(seconds)
+        self.assertNoResult(stat)
+        self.advance(0.1)
+        error = self.failureResultOf(stat, StoreFailing).value
+        self.assertEqual(self.count("head"), 3)
+        self.assertIn("no answer in 5 s", error.message)
+
+    def test_caller_cancelling_is_not_retried(self) -> None:
+        """A caller that cancels gets its cancellation at once: it is not a failure of the store."""
+        self.fake.always["head"] = "silent"
+        stat = self.start(self.store.stat("blobs/sha256/abc"))
+        stat.cancel()
+        self.failureResultOf(stat, CancelledError)
+        self.advance(30)
+        self.assertEqual(self.count("head"), 1)
+
+    def test_writer_waits_for_a_full_part_to_be_stored(self) -> None:
+        """The write that fills a part returns only once the store has taken it: one part in memory."""
+        self.fake.faults["part"] = ["held"]
+        start, fill = os.urandom(MINIMUM_PART - CHUNK), os.urandom(CHUNK)
+        writer = self.successResultOf(self.start(_write(self.store, start, _digest(start + fill + b"last"))))
+        filling = self.start(writer.write(fill))
+        self.assertEqual(self.count("part"), 1)
+        self.assertNoResult(filling)
+        self.fake.release.callback(None)
+        self.agent.flush()
+        self.successResultOf(filling)
+        self.successResultOf(self.start(writer.write(b"last")))
+        self.assertEqual(self.count("part"), 1)
+        self.successResultOf(self.start(writer.commit()))
+        self.assertEqual((self.count("part"), self.count("complete")), (2, 1))
+        self.assertEqual(self.fake.objects[writer.key], start + fill + b"last")
+
+    def test_abort_of_a_failed_upload_is_tried_once(self) -> None:
+        """When a store keeps failing a part, the abort that follows is one request, not more retries."""
+        self.fake.always["part"] = "503"
+        self.fake.always["abort"] = "503"
+        writer = self.store.begin("blobs/x", _digest(b"x"))
+        writing = self.start(writer.write(os.urandom(MINIMUM_PART)))
+        self.advance(0.2)
+        self.advance(0.4)
+        self.failureResultOf(writing, StoreFailing)
+        self.assertEqual((self.count("part"), self.count("abort")), (3, 1))
+        self.assertEqual(list(self.fake.uploads), ["u1"])   # left for sweep_uploads
+
+
+class ConnectionFaultTests(_FakeStoreTests, TestCase):
+    """Connections to the store that break: these need real sockets, on 127.0.0.1."""
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.fake = FakeS3()
@@ -465,37 +576,6 @@ class FaultTests(TestCase):
         self.store = S3Store(S3Config(f"http://127.0.0.1:{port}", "bucket", "AK", "SK"), reactor=reactor,
                              part_size=MINIMUM_PART, retries=2, backoff=0.01, timeout=0.5)
         self.addCleanup(self.store.close)
-
-    def count(self, operation: str) -> int:
-        """How many requests of an operation the fake store saw."""
-        return sum(1 for seen, _ in self.fake.seen if seen == operation)
-
-    async def test_500_then_success_is_retried(self) -> None:
-        """A part that fails once with 500 is sent again, and the object is complete."""
-        self.fake.faults["part"] = ["500"]
-        data = os.urandom(6 * MIB)
-        writer = await _write(self.store, data)
-        await writer.commit()
-        self.assertEqual(self.fake.objects[writer.key], data)
-        self.assertEqual((self.count("part"), self.count("complete")), (3, 1))
-
-    async def test_writer_waits_for_a_full_part_to_be_stored(self) -> None:
-        """The write that fills a part returns only once the store has taken it: one part in memory."""
-        self.fake.faults["part"] = ["held"]
-        start, fill = os.urandom(MINIMUM_PART - CHUNK), os.urandom(CHUNK)
-        writer = await _write(self.store, start, _digest(start + fill + b"last"))
-        filling = Deferred.fromCoroutine(writer.write(fill))
-        while self.count("part") == 0:
-            await wait(0.01)
-        await wait(0.1)
-        self.assertFalse(filling.called)
-        self.fake.release.callback(None)
-        await filling
-        await writer.write(b"last")
-        self.assertEqual(self.count("part"), 1)
-        await writer.commit()
-        self.assertEqual((self.count("part"), self.count("complete")), (2, 1))
-        self.assertEqual(self.fake.objects[writer.key], start + fill + b"last")
 
     async def test_reset_mid_upload_aborts(self) -> None:
         """A store that resets every part while it is sent gets the upload aborted and a clear 503 error."""
@@ -509,38 +589,9 @@ class FaultTests(TestCase):
         self.assertEqual(self.fake.objects, {})
         self.assertIn("upload part 1", caught.exception.message)
         self.assertIn("failed 3 times", caught.exception.message)
+        self.assertEqual(answer_for(caught.exception).status, 503)
         with self.assertRaises(ValueError):
             await writer.write(b"more")
-
-    async def test_abort_of_a_failed_upload_is_tried_once(self) -> None:
-        """When a store keeps failing a part, the abort that follows is one request, not more retries."""
-        self.fake.always["part"] = "503"
-        self.fake.always["abort"] = "503"
-        writer = self.store.begin("blobs/x", _digest(b"x"))
-        with self.assertRaises(StoreFailing):
-            await writer.write(os.urandom(MINIMUM_PART))
-        self.assertEqual((self.count("part"), self.count("abort")), (3, 1))
-        self.assertEqual(list(self.fake.uploads), ["u1"])   # left for sweep_uploads
-
-    async def test_503_for_ever_is_a_clear_error(self) -> None:
-        """A store that answers 503 for ever makes a bounded number of tries, then a JSON 503."""
-        self.fake.always["head"] = "503"
-        with self.assertRaises(StoreFailing) as caught:
-            await self.store.stat("blobs/sha256/abc")
-        self.assertEqual(self.count("head"), 3)
-        self.assertRegex(caught.exception.message, r"^S3 HEAD blobs/sha256/abc at http://127\.0\.0\.1:\d+ "
-                                                   r"failed 3 times: 503$")
-        answer = answer_for(caught.exception)
-        self.assertEqual((answer.status, answer.code), (503, "UNAVAILABLE"))
-
-    async def test_silent_store_times_out(self) -> None:
-        """A store that never answers is given up on after the timeout of each try."""
-        self.fake.always["head"] = "silent"
-        began = time.monotonic()
-        with self.assertRaises(StoreFailing) as caught:
-            await self.store.stat("blobs/sha256/abc")
-        self.assertIn("no answer in 0.5 s", caught.exception.message)
-        self.assertLess(time.monotonic() - began, 3)
 
     async def test_broken_download_resumes_with_range(self) -> None:
         """A GET that breaks off or stalls midway is resumed from the next byte; the client gets every byte once."""
