@@ -34,6 +34,7 @@ from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherR
 from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 
+from ociregistry.s3 import S3Config
 from tests.realparts import _tail, free_port, sleep
 
 # How long one daemon may take to come up, and one setup command to finish.
@@ -265,6 +266,10 @@ class CephRGW:
     def config(self) -> str:
         """The cluster's ceph.conf, for ceph and radosgw-admin commands."""
         return os.path.join(self.directory, "ceph.conf")
+
+    def s3_config(self, bucket: str, prefix: str = "") -> S3Config:
+        """Settings for the S3 driver to use a bucket here as this cluster's user."""
+        return S3Config(self.endpoint, bucket, self.access_key, self.secret_key, self.region, prefix)
 
     def stop(self) -> None:
         """SIGTERM radosgw, the OSD, then the monitor, and remove the directory."""

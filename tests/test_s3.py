@@ -3,6 +3,7 @@ Ceph cannot be made to produce."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -141,11 +142,9 @@ class CephTestCase(TestCase):
 
     def make_store(self, **changes: Any) -> S3Store:
         """A driver for this test's bucket, with small parts; ``changes`` alter its settings."""
-        settings = {"endpoint": self.rgw.endpoint, "bucket": self.bucket, "access_key": self.rgw.access_key,
-                    "secret_key": self.rgw.secret_key, "region": self.rgw.region, "prefix": "cache/"}
         options = {key: changes.pop(key) for key in ("retries", "timeout") if key in changes}
-        settings.update(changes)
-        store = S3Store(S3Config(**settings), reactor=reactor, part_size=MINIMUM_PART, **options)
+        config = dataclasses.replace(self.rgw.s3_config(self.bucket, prefix="cache/"), **changes)
+        store = S3Store(config, reactor=reactor, part_size=MINIMUM_PART, **options)
         self.addCleanup(store.close)
         return store
 
