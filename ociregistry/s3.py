@@ -256,7 +256,8 @@ class S3Store:
         """Abort multipart uploads under our prefix begun more than ``older_than`` seconds ago.
 
         These are what a writer that crashed (or was killed) left behind; the
-        count aborted is returned.
+        count aborted is returned.  Uploads outside the prefix are left alone,
+        so a bucket shared with other software wants a prefix of our own.
         """
         cutoff = self._clock.seconds() - older_than
         stale = [upload for upload in await self.uploads() if upload.initiated < cutoff]

@@ -252,12 +252,16 @@ class CephRoundTripTests(CephTestCase):
         await _write(self.store, os.urandom(6 * MIB))   # never committed nor aborted: "crashed"
         done = await _write(self.store, b"kept")
         await done.commit()
+        neighbour = self.make_store(prefix="other/")     # another user of the bucket
+        theirs = await _write(neighbour, os.urandom(6 * MIB))
         self.assertEqual(await self.store.sweep_uploads(older_than=3600), 0)
         self.assertEqual(len(await self.store.uploads()), 1)
         await wait(1.1)   # RGW's timestamps, like ours, are in real time
         self.assertEqual(await self.store.sweep_uploads(older_than=1), 1)
         self.assertEqual(await self.store.uploads(), [])
         self.assertEqual(await self.store.stat(done.key), 4)
+        self.assertEqual([u.key for u in await neighbour.uploads()], [theirs.key])
+        await theirs.abort()
 
     async def test_presigned_get(self) -> None:
         """A presigned URL serves the object without credentials, and stops when it expires."""
