@@ -345,11 +345,11 @@ async def _start_ceph(directory: str, daemons: Daemons) -> CephRGW:
     access_key = "OCIREG" + secrets.token_hex(7).upper()
     secret_key = secrets.token_urlsafe(30)
     endpoint = f"http://127.0.0.1:{rgw_port}"
-    await _together(
-        daemons.run("radosgw-admin", [
-            "radosgw-admin", *conf, "user", "create", "--uid", "ociregistry", "--display-name", "ociregistry",
-            "--access-key", access_key, "--secret-key", secret_key], also=["osd.0"]),
-        daemons.until("client.rgw.a", rgw, lambda: _http_answers(endpoint + "/")))
+    await daemons.until("client.rgw.a", rgw, lambda: _http_answers(endpoint + "/"))
+    # Only now: run while radosgw sets up its zone, radosgw-admin sometimes took 5 s, not 0.1 s.
+    await daemons.run("radosgw-admin", [
+        "radosgw-admin", *conf, "user", "create", "--uid", "ociregistry", "--display-name", "ociregistry",
+        "--access-key", access_key, "--secret-key", secret_key], also=["client.rgw.a"])
     return CephRGW(directory, endpoint, access_key, secret_key, daemons)
 
 
