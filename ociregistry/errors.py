@@ -125,6 +125,10 @@ class TimedOut(Unavailable):
     """The upstream did not answer in time."""
 
 
+class StorageUnavailable(Unavailable):
+    """The shared object store cannot be reached, refuses us, or keeps failing."""
+
+
 class RateLimited(Unavailable):
     """Too many requests; ``retry_after`` (seconds), when known, says when to try again."""
 
@@ -196,6 +200,7 @@ _ANSWERS: dict[type[RegistryError], tuple[int, str]] = {
     Denied: (403, "DENIED"),
     Unavailable: (502, "UNAVAILABLE"),
     TimedOut: (504, "UNAVAILABLE"),
+    StorageUnavailable: (503, "UNAVAILABLE"),
     RateLimited: (429, "TOOMANYREQUESTS"),
     InvalidManifest: (502, "MANIFEST_INVALID"),
     DigestMismatch: (502, "DIGEST_INVALID"),

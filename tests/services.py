@@ -1,0 +1,361 @@
+"""Real services for tests that are too slow to start per test: each is started once
+per test run by the first test that asks for it, shared by every later test, and
+stopped when the run exits.
+
+A service is a ``Shared(start)``: ``start`` is an async function that builds it in a
+private temporary directory and returns an object with a synchronous ``stop()``
+(called from ``atexit``, when the reactor no longer runs).  Ceph RGW is the first;
+a PostgreSQL cluster fits the same pattern.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import ctypes
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
+from twisted.internet.threads import deferToThread
+from twisted.web.client import HTTPConnectionPool
+
+from ociregistry.s3 import S3Config
+from tests.realparts import _tail, free_port, sleep
+
+# How long one daemon may take to come up, and one setup command to finish.
+START_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+
+
+class Stoppable(Protocol):
+    """What a shared service offers its owner: a way to stop it without the reactor."""
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+class Shared(Generic[S]):
+    """A real service for the whole test run: started on first ``get()``, stopped at exit.
+
+    A service that failed to start fails every later ``get()`` with the same error
+    rather than being tried again by each test.
+    """
+
+    def __init__(self, start: Callable[[], Awaitable[S]]) -> None:
+        self._start = start
+        self._service: S | None = None
+        self._error: BaseException | None = None
+        self._waiters: list[Deferred[S]] = []
+        self.start_seconds: float | None = None
+
+    async def get(self) -> S:
+        """The running service, started now if nobody asked before."""
+        if self._service is not None:
+            return self._service
+        if self._error is not None:
+            raise self._error
+        waiter: Deferred[S] = Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            Deferred.fromCoroutine(self._run())
+        return await waiter
+
+    async def _run(self) -> None:
+        began = time.monotonic()
+        try:
+            service = await self._start()
+        except BaseException as e:
+            self._error = e
+        else:
+            self.start_seconds = time.monotonic() - began
+            self._service = service
+            atexit.register(service.stop)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if self._error is not None:
+                waiter.errback(self._error)
+            else:
+                waiter.callback(service)
+
+
+def _die_with_parent() -> None:
+    # A daemon must not outlive an interrupted test run (atexit does not run on SIGKILL).
+    # SIGKILL, because radosgw waits for its cluster on SIGTERM, which may be gone by then.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Daemons:
+    """Processes of one service, each logging to a file in the service's directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def log_path(self, name: str) -> str:
+        """Where a daemon's or command's output goes."""
+        return os.path.join(self.directory, f"{name}.out")
+
+    def tail(self, name: str) -> str:
+        """The end of what a daemon wrote: its own log file (``name.log``) and its output."""
+        parts = [_tail(os.path.join(self.directory, f"{name}.log"), 3000), _tail(self.log_path(name), 1500)]
+        return "\n".join(part for part in parts if part.strip()) or "(no output)"
+
+    async def run(self, name: str, argv: Sequence[str], *, also: Sequence[str] = ()) -> str:
+        """Run a setup command to completion (in a thread, bounded in time); its output.
+
+        A failure shows the command's output and the logs of the daemons it talks to (``also``).
+        """
+        def call() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(list(argv), capture_output=True, cwd=self.directory,
+                                  timeout=COMMAND_TIMEOUT, preexec_fn=_die_with_parent)
+
+        def logs() -> str:
+            return "\n".join(f"--- {log}:\n{self.tail(log)}" for log in (name, *also))
+        try:
+            done = await deferToThread(call)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{name} did not finish in {COMMAND_TIMEOUT:.0f} s:\n{logs()}") from None
+        with open(self.log_path(name), "ab") as f:
+            f.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} ({argv[0]}) failed with {done.returncode}:\n{logs()}")
+        return done.stdout.decode("utf-8", "replace")
+
+    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a daemon in the foreground of a session of its own."""
+        with open(self.log_path(name), "ab") as log:
+            process = subprocess.Popen(list(argv), cwd=self.directory, stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+        self._running.append((name, process))
+        return process
+
+    async def until(self, name: str, process: subprocess.Popen[bytes],
+                    ready: Callable[[], Awaitable[bool]]) -> None:
+        """Wait for ``ready`` to say yes; fail with the daemon's log if it exits or takes too long."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while not await ready():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.tail(name)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not come up in {START_TIMEOUT:.0f} s:\n{self.tail(name)}")
+            await sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM the daemons, last started first, each waited for (SIGKILL if it lingers)."""
+        while self._running:
+            _, process = self._running.pop()
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _port_window(count: int, address: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports that are free now, below the ephemeral range."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((address, port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no window of {count} free ports on {address}")
+
+
+def _cephx_key() -> str:
+    """A new cephx secret: AES type, creation time, length, 16 random bytes (ceph-authtool's format)."""
+    return base64.b64encode(struct.pack("<HIIH", 1, int(time.time()), 0, 16) + os.urandom(16)).decode()
+
+
+# Every path a Ceph daemon or tool would otherwise take from /etc/ceph, /var/lib/ceph,
+# /var/log/ceph or /var/run/ceph points into the service's directory.
+_CEPH_CONF = """\
+[global]
+fsid = {fsid}
+mon host = v2:127.0.0.1:{mon_port}
+public addr = 127.0.0.1
+ms bind msgr1 = false
+ms bind port min = {bind_min}
+ms bind port max = {bind_max}
+keyring = {dir}/keyring
+run dir = {dir}/run
+crash dir = {dir}/crash
+log file = {dir}/$name.log
+mon cluster log file = default={dir}/$cluster.$channel.log cluster={dir}/$cluster.log
+admin socket = {dir}/run/$name.asok
+pid file = {dir}/run/$name.pid
+mon data = {dir}/$name
+osd data = {dir}/$name
+rgw data = {dir}/$name
+osd objectstore = memstore
+memstore device bytes = 2147483648
+osd pool default size = 1
+osd pool default min size = 1
+mon allow pool size one = true
+osd crush chooseleaf type = 0
+osd pool default pg num = 8
+osd pool default pgp num = 8
+mon max pg per osd = 1000
+paxos propose interval = 0.05
+mon data avail crit = 1
+
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+"""
+
+_KEYRING = """\
+[mon.]
+\tkey = {mon}
+\tcaps mon = "allow *"
+[client.admin]
+\tkey = {admin}
+\tcaps mon = "allow *"
+\tcaps osd = "allow *"
+\tcaps mgr = "allow *"
+[osd.0]
+\tkey = {osd}
+\tcaps mon = "allow profile osd"
+\tcaps osd = "allow *"
+\tcaps mgr = "allow profile osd"
+[client.rgw.a]
+\tkey = {rgw}
+\tcaps mon = "allow rw"
+\tcaps osd = "allow rwx"
+"""
+
+CEPH_BINARIES = ("monmaptool", "ceph-mon", "ceph-osd", "radosgw", "ceph", "radosgw-admin")
+
+
+@dataclass
+class CephRGW:
+    """One monitor, one memstore OSD and radosgw on 127.0.0.1, with one S3 user; all in ``directory``."""
+
+    directory: str
+    endpoint: str
+    access_key: str
+    secret_key: str
+    daemons: Daemons
+    region: str = "us-east-1"
+
+    @property
+    def config(self) -> str:
+        """The cluster's ceph.conf, for ceph and radosgw-admin commands."""
+        return os.path.join(self.directory, "ceph.conf")
+
+    def s3_config(self, bucket: str, prefix: str = "") -> S3Config:
+        """Settings for the S3 driver to use a bucket here as this cluster's user."""
+        return S3Config(self.endpoint, bucket, self.access_key, self.secret_key, self.region, prefix)
+
+    def stop(self) -> None:
+        """SIGTERM radosgw, the OSD, then the monitor, and remove the directory."""
+        self.daemons.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+async def _http_answers(url: str) -> bool:
+    try:
+        response = await treq.get(url, timeout=2, pool=HTTPConnectionPool(reactor, persistent=False))
+        await treq.content(response)
+    except CancelledError:
+        raise
+    except Exception:
+        return False
+    return True
+
+
+async def start_ceph_rgw() -> CephRGW:
+    """Build and start a one-node Ceph cluster with radosgw in a new temporary directory."""
+    missing = [name for name in CEPH_BINARIES if shutil.which(name) is None]
+    if missing:
+        raise RuntimeError(f"Ceph is not installed (no {', '.join(missing)}): scripts/test installs "
+                           "ceph-mon ceph-osd radosgw ceph-common")
+    directory = tempfile.mkdtemp(prefix="ceph-")
+    daemons = Daemons(directory)
+    try:
+        return await _start_ceph(directory, daemons)
+    except BaseException:
+        # The error carries the logs that matter; nothing is left behind.
+        daemons.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+async def _together(*steps: Awaitable[object]) -> None:
+    """Run independent steps at once; the first failure is raised once all have ended."""
+    try:
+        await gatherResults([Deferred.fromCoroutine(step) for step in steps], consumeErrors=True)  # type: ignore[arg-type]
+    except FirstError as e:
+        e.subFailure.raiseException()
+
+
+async def _start_ceph(directory: str, daemons: Daemons) -> CephRGW:
+    # The monitor on one port, the OSD's four msgr2 listeners in the rest.
+    base = _port_window(12)
+    rgw_port = free_port()
+    fsid = str(uuid.uuid4())
+    for sub in ("run", "crash", "mon.a", "osd.0", "client.rgw.a"):
+        os.mkdir(os.path.join(directory, sub))
+    config = os.path.join(directory, "ceph.conf")
+    with open(config, "w") as f:
+        f.write(_CEPH_CONF.format(fsid=fsid, dir=directory, mon_port=base, bind_min=base + 1,
+                                  bind_max=base + 11, rgw_port=rgw_port))
+    with open(os.path.join(directory, "keyring"), "w") as f:
+        f.write(_KEYRING.format(mon=_cephx_key(), admin=_cephx_key(), osd=_cephx_key(), rgw=_cephx_key()))
+    conf = ["-c", config]
+    monmap = os.path.join(directory, "monmap")
+    await daemons.run("monmaptool", ["monmaptool", "--create", "--fsid", fsid,
+                                     "--addv", "a", f"[v2:127.0.0.1:{base}]", monmap])
+    await daemons.run("mon.a", ["ceph-mon", *conf, "-i", "a", "--mkfs", "--monmap", monmap])
+    mon = daemons.start("mon.a", ["ceph-mon", *conf, "-i", "a", "-f"])
+    osd_uuid = str(uuid.uuid4())
+    # Registering the OSD with the monitor and making its store are independent.
+    await _together(
+        daemons.run("osd new", ["ceph", *conf, "--connect-timeout", "20", "osd", "new", osd_uuid, "0"],
+                    also=["mon.a"]),
+        daemons.run("osd.0", ["ceph-osd", *conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid]))
+    if mon.poll() is not None:
+        raise RuntimeError(f"ceph-mon exited with {mon.returncode}:\n{daemons.tail('mon.a')}")
+    daemons.start("osd.0", ["ceph-osd", *conf, "-i", "0", "-f"])
+    rgw = daemons.start("client.rgw.a", ["radosgw", *conf, "-n", "client.rgw.a", "-f"])
+    access_key = "OCIREG" + secrets.token_hex(7).upper()
+    secret_key = secrets.token_urlsafe(30)
+    endpoint = f"http://127.0.0.1:{rgw_port}"
+    await daemons.until("client.rgw.a", rgw, lambda: _http_answers(endpoint + "/"))
+    # Only now: run while radosgw sets up its zone, radosgw-admin sometimes took 5 s, not 0.1 s.
+    await daemons.run("radosgw-admin", [
+        "radosgw-admin", *conf, "user", "create", "--uid", "ociregistry", "--display-name", "ociregistry",
+        "--access-key", access_key, "--secret-key", secret_key], also=["client.rgw.a"])
+    return CephRGW(directory, endpoint, access_key, secret_key, daemons)
+
+
+ceph = Shared(start_ceph_rgw)
+
+
+async def ceph_rgw() -> CephRGW:
+    """The test run's Ceph RGW, started by the first test that asks."""
+    return await ceph.get()
