@@ -3,8 +3,10 @@ body handed to a consumer that paces the connection it arrives on."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProducer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -13,6 +15,7 @@ from zope.interface import implementer
 
 # How much of a request body is written to the connection at a time.
 SLICE = 64 * 1024
+_DONE = Failure(ResponseDone())
 
 
 @implementer(IBodyProducer)
@@ -90,7 +93,7 @@ class Relay(Protocol):
         self._arm()
         self._consumer.write(data)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self._disarm()
         self._consumer.unregisterProducer()
         if self.done.called:
@@ -104,13 +107,13 @@ class Relay(Protocol):
         self._paused = True
         self._disarm()
         if self.transport is not None:
-            self.transport.pauseProducing()
+            _producer(self.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._arm()
         if self.transport is not None:
-            self.transport.resumeProducing()
+            _producer(self.transport).resumeProducing()
 
     def stopProducing(self) -> None:
         self.stopped = True
@@ -119,7 +122,7 @@ class Relay(Protocol):
     def _drop(self) -> None:
         self._disarm()
         if self.transport is not None:
-            self.transport.stopProducing()
+            _producer(self.transport).stopProducing()
 
     def _stall(self) -> None:
         self._timer = None
@@ -144,7 +147,7 @@ class Collector:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         pass
 
     def unregisterProducer(self) -> None:
@@ -157,9 +160,14 @@ class Collector:
 class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.stopProducing()
+        _producer(self.transport).stopProducing()
 
 
 def discard(response: IResponse) -> None:
     """Drop a response body that will not be read (closes its connection)."""
     response.deliverBody(_Discard())
+
+
+def _producer(transport: object) -> IPushProducer:
+    """A response body's transport: the producer of its bytes."""
+    return cast(IPushProducer, transport)

@@ -8,7 +8,8 @@ import os
 import sqlite3
 import sys
 import time
-from typing import Any, Callable, Coroutine, TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +20,6 @@ from ociregistry import __version__
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
 from ociregistry.downloads import BlobDownload
 from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
-from ociregistry.sqlite import SqliteEngine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from ociregistry.metrics import Metrics
@@ -33,6 +33,7 @@ from ociregistry.prune import (
     prune,
     removal_store,
 )
+from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import CacheUnusable
 from ociregistry.tap import Options, build_config, open_cache
 
@@ -168,7 +169,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             cache, index, _ = open_cache(config, reactor, Metrics())
         except CacheUnusable as e:
             print(f"ociregistry load: {e}", file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         progress = Progress(sys.stdout, reactor, sys.stdout.isatty())
         loader = Loader(cache, index, threaded_store(config.image_path, reactor), platform,
                         config.default_ns, progress.downloading)
@@ -199,7 +200,7 @@ def cmd_import_go_cache(args: argparse.Namespace) -> int:
             loaded, problems = await Importer(index, store).import_go_cache(args.source)
         except LoadError as e:
             print(f"ociregistry import-go-cache: {e}", file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         finally:
             await index.close()
         for item in loaded:
@@ -244,7 +245,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                      local_time(i.created), local_time(i.pulled), human_size(i.size)))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

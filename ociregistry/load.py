@@ -20,9 +20,10 @@ import platform as host
 import re
 import tarfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import IO, Any, Callable, Coroutine, cast
+from typing import IO, Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore

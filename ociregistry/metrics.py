@@ -7,7 +7,8 @@ sizes are refreshed on the reactor thread and only read at scrape time.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -110,5 +111,4 @@ class Metrics:
 
     def resource(self) -> Resource:
         """The /metrics resource."""
-        resource: Any = MetricsResource(self.registry)
-        return resource
+        return cast(Resource, MetricsResource(self.registry))

@@ -10,9 +10,10 @@ cannot be reached each call fails with IndexUnavailable (a JSON 503).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Callable, Concatenate, Iterator, TypeVar
+from typing import Any, Concatenate, TypeVar
 
 import psycopg
 from psycopg import errors
@@ -21,7 +22,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ociregistry.index import (
-    Engine, IndexBusy, IndexConnection, IndexUnavailable, P, ToThread, masked_url, migrations,
+    Engine,
+    IndexBusy,
+    IndexConnection,
+    IndexUnavailable,
+    P,
+    ToThread,
+    masked_url,
+    migrations,
 )
 from ociregistry.store import CacheUnusable
 from ociregistry.threads import WorkerThreads
@@ -110,11 +118,11 @@ class PostgresEngine(Engine):
         self._idle.append(self.connect().raw)
 
     def short(self, interaction: Callable[Concatenate[IndexConnection, P], T],
-              *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
+              *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """On a worker thread with a pooled connection."""
         return self._threads.run(self._call, interaction, args, kwargs)
 
-    def long(self, work: Callable[[IndexConnection], T], to_thread: ToThread) -> "Deferred[T]":
+    def long(self, work: Callable[[IndexConnection], T], to_thread: ToThread) -> Deferred[T]:
         """On a worker thread too: the pool bounds the connections, not the kind of work."""
         return self._threads.run(self._call, work, (), {})
 

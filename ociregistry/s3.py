@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
 from twisted.web.client import Agent, HTTPConnectionPool, RequestTransmissionFailed, ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from ociregistry.bodies import BytesBody, Collector, Relay, discard
@@ -89,7 +90,7 @@ def key_for(digest: str) -> str:
     return f"blobs/{algorithm}/{encoded}"
 
 
-class _Signer(S3SigV4Auth):
+class _Signer(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no type information
     """botocore's S3 SigV4 signer, told the payload's sha256 (computed as the bytes arrived)."""
 
     def payload(self, request: AWSRequest) -> str:
@@ -180,7 +181,7 @@ class S3Store:
         return int(_header(response, "Content-Length") or 0)
 
     async def open_range(self, key: str, start: int | None = None,
-                         end: int | None = None) -> "ObjectBody | None":
+                         end: int | None = None) -> ObjectBody | None:
         """The object's bytes ``start``..``end`` (inclusive, as in HTTP), or None when there is none.
 
         ``start`` alone is open-ended, ``end`` alone a suffix of that many bytes,
@@ -193,7 +194,7 @@ class S3Store:
         what = f"GET {key}"
         response = await self._call("GET", key, headers=headers, what=what)
         if response.code == 404:
-            code, message = _error_code(await treq.content(response))
+            code, _ = _error_code(await treq.content(response))
             if code == "NoSuchBucket":
                 raise StorageUnavailable(f"{self._where}: missing")
             return None
@@ -219,7 +220,7 @@ class S3Store:
         await body.deliver(collected)
         return b"".join(collected.chunks)
 
-    def begin(self, key: str, digest: str, limit: int | None = None) -> "S3Writer":
+    def begin(self, key: str, digest: str, limit: int | None = None) -> S3Writer:
         """Start writing the object at ``key``, whose bytes must hash to ``digest``."""
         return S3Writer(self, key, digest, limit)
 
@@ -234,7 +235,7 @@ class S3Store:
         S3SigV4QueryAuth(self._credentials, "s3", self.config.region, expires=expires).add_auth(request)
         return str(request.url)
 
-    async def uploads(self) -> list["Upload"]:
+    async def uploads(self) -> list[Upload]:
         """The multipart uploads in progress under our prefix, oldest first."""
         found: list[Upload] = []
         markers = {"key-marker": "", "upload-id-marker": ""}
@@ -328,7 +329,7 @@ class S3Store:
             else:
                 if response.code not in _RETRIED:
                     return response
-                code, message = _error_code(await treq.content(response))
+                code, _ = _error_code(await treq.content(response))
                 reason = f"{response.code} {code}".rstrip()
             log.warn("S3 {what} at {endpoint} failed (try {attempt} of {tries}): {reason}",
                      what=what, endpoint=self.config.endpoint, attempt=attempt + 1,
@@ -339,8 +340,8 @@ class S3Store:
     async def _send(self, method: str, url: str, headers: dict[str, str],
                     body: IBodyProducer | None) -> IResponse:
         """One try, with its own timeout; connection failures become ``_Failed``."""
-        sent = self._http.request(method, url, headers=headers, data=body, unbuffered=True,
-                                  allow_redirects=False)
+        sent = self._http.request(method, url, headers=Headers({k: [v] for k, v in headers.items()}), data=body,
+                                  unbuffered=True, allow_redirects=False)
         timed_out: list[bool] = []
 
         def expire() -> None:
@@ -489,7 +490,7 @@ class ObjectBody:
             except Exception as e:
                 reason = "stalled" if relay.stalled else _describe(e)
             sent += relay.received
-            if relay.stopped and not relay.stalled or sent >= self.length:
+            if (relay.stopped and not relay.stalled) or sent >= self.length:
                 return
             reason = reason or f"{sent} of {self.length} bytes"
             if resumed == store.retries:

@@ -6,8 +6,9 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Concatenate, Iterator, TypeVar
+from typing import Concatenate, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -36,7 +37,7 @@ class SqliteEngine(Engine):
         self.read_only = read_only
         self._own: IndexConnection | None = None
 
-    def connect(self) -> "IndexConnection":
+    def connect(self) -> IndexConnection:
         """A connection of its own: the schema is migrated first, unless opened read-only."""
         if self.read_only:
             return IndexConnection(self, self._open_read_only())
@@ -114,7 +115,7 @@ class SqliteEngine(Engine):
         return None
 
     @contextmanager
-    def trial(self, connection: "IndexConnection") -> Iterator["IndexConnection"]:
+    def trial(self, connection: IndexConnection) -> Iterator[IndexConnection]:
         """An in-memory copy of the index: the server's writes never wait for a dry run."""
         copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         connection.raw.backup(copy)
@@ -128,15 +129,15 @@ class SqliteEngine(Engine):
         """Open (creating or migrating) the index file for the reactor's short statements."""
         self._own = self.connect()
 
-    def short(self, interaction: Callable[Concatenate["IndexConnection", P], T],
-              *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
+    def short(self, interaction: Callable[Concatenate[IndexConnection, P], T],
+              *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Inline on the reactor's connection: indexed lookups take microseconds, less than a thread hop."""
         try:
             return succeed(interaction(self.connection, *args, **kwargs))
         except Exception:
             return fail()
 
-    def long(self, work: Callable[["IndexConnection"], T], to_thread: ToThread) -> "Deferred[T]":
+    def long(self, work: Callable[[IndexConnection], T], to_thread: ToThread) -> Deferred[T]:
         """On ``to_thread``, with a connection of its own that waits the default time for the lock."""
         def run() -> T:
             own = SqliteEngine(self.path, self.clock, read_only=self.read_only).connect()
@@ -148,13 +149,13 @@ class SqliteEngine(Engine):
         result: Deferred[T] = to_thread(run)
         return result
 
-    def blocking(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+    def blocking(self, interaction: Callable[Concatenate[IndexConnection, P], T],
                  *args: P.args, **kwargs: P.kwargs) -> T:
         """On the reactor's connection, at once."""
         return interaction(self.connection, *args, **kwargs)
 
     @property
-    def connection(self) -> "IndexConnection":
+    def connection(self) -> IndexConnection:
         """The connection the reactor's short work uses, opened at first use."""
         if self._own is None:
             self.start()
