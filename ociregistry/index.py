@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ociregistry.errors import OCIError
+from ociregistry.errors import OCIError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from ociregistry.store import BlobStore
@@ -97,18 +97,18 @@ def migrations(engine: str = "sqlite") -> list[tuple[int, str]]:
     return [(number, "\n".join(sql for _, _, sql in sorted(parts))) for number, parts in sorted(found.items())]
 
 
-class IndexBusy(OCIError):
+class IndexBusy(ServiceUnavailable):
     """Another process held the index's write lock for longer than this connection waits."""
 
     def __init__(self) -> None:
-        super().__init__(503, "UNAVAILABLE", "the cache index is busy (a prune or check is running); retry")
+        super().__init__("the cache index is busy (a prune or check is running); retry")
 
 
-class IndexUnavailable(OCIError):
+class IndexUnavailable(ServiceUnavailable):
     """The index's database cannot be reached; requests that need it are answered 503 until it is back."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(503, "UNAVAILABLE", f"the cache index is unavailable: {why}")
+        super().__init__(f"the cache index is unavailable: {why}")
 
 
 class Engine:

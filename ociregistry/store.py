@@ -20,7 +20,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ociregistry.errors import OCIError
+from ociregistry.errors import InsufficientStorage
 
 log = Logger()
 
@@ -32,11 +32,11 @@ MINIMUM_FREE = 1024 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class StorageFull(OCIError):
+class StorageFull(InsufficientStorage):
     """The disk under the image path has no room for new content."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(507, "UNAVAILABLE", f"the cache has no room for new content: {why}")
+        super().__init__(f"the cache has no room for new content: {why}")
         self.why = why
 
 
@@ -112,7 +112,7 @@ class BlobStore:
             self._full_at = None
         return None
 
-    def failed(self, error: OSError, written: int = 0) -> OCIError | OSError:
+    def failed(self, error: OSError, written: int = 0) -> StorageFull | OSError:
         """What a failed write means for clients: StorageFull when the disk is full.
 
         The disk counts as full (for /health and new writes) until it has
