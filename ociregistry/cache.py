@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, Hashable, NamedTuple, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -277,13 +278,18 @@ class Cache:
         if header_digest and header_digest.startswith(f"{algorithm}:") and header_digest != digest:
             raise DigestMismatch(f"upstream's Docker-Content-Digest {header_digest} does not match its manifest")
         media_type, references = describe(content, content_type, f"upstream {where.registry}")
+
+        def row() -> "Deferred[ManifestRecord]":
+            return self._index.record_manifest(
+                digest, media_type, len(content), where.registry, where.repository, references, tag=tag
+            )
+
         if await self._index.manifest(digest) is None:
             writer = self._store.begin(digest)
             writer.write(content)
-            await writer.commit()
-        record = await self._index.record_manifest(
-            digest, media_type, len(content), where.registry, where.repository, references, tag=tag
-        )
+            record = await self._index.record_file(self._store, writer, row)
+        else:
+            record = await row()
         if media_type in IMAGE_TYPES:
             self._downloads.prefetch(where.registry, where.repository, [r.child for r in references])
         self._contents.put(digest, content)

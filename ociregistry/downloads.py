@@ -131,11 +131,11 @@ class BlobDownload(BlobSource):
             for _, waiter in ready:
                 waiter.callback(None)
 
-    async def commit(self) -> int:
-        """Verify and store; readers may then send the last byte."""
+    async def commit(self, index: Index, store: BlobStore) -> int:
+        """Verify, store and record; readers may then send the last byte."""
         if self.size is not None and self._writer.size != self.size:
             raise Unavailable(f"upstream ended {self.digest} early")
-        await self._writer.commit()
+        await index.record_file(store, self._writer, lambda: index.record_blob(self.digest, self._writer.size))
         self._complete = True
         self.size = self._writer.size
         self._wake(None)
@@ -261,8 +261,7 @@ class Downloads:
             await self._upstream.read_body(response, write, registry)
             # If another registry's download of this digest committed first, this commit
             # renames identical verified bytes over its file, and the index keeps one row.
-            size = await download.commit()
-            await self._index.record_blob(digest, size)
+            size = await download.commit(self._index, self._store)
             log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
                      digest=digest, size=size, registry=registry, repository=repository)
         except UpstreamNotFound:

@@ -178,6 +178,8 @@ class Writer:
         self.digest = digest
         self.path = path
         self.size = 0
+        # Which file (device and inode) the commit put in place.
+        self.identity: tuple[int, int] | None = None
         self._store = store
         self._limit = limit
         self._hash = hashlib.new(digest.partition(":")[0])
@@ -230,6 +232,8 @@ class Writer:
         directory = os.path.dirname(final)
         try:
             await self._store._defer_to_thread(os.fsync, fd)
+            found = os.fstat(fd)
+            self.identity = (found.st_dev, found.st_ino)
             self._close()
             os.makedirs(directory, exist_ok=True)
             os.replace(self.path, final)
