@@ -11,7 +11,7 @@ from twisted.web.client import ResponseFailed
 
 from ociregistry.index import IndexUnavailable
 from ociregistry.store import StorageFull
-from tests.fakes import make_image
+from tests.fakes import digest_of, make_image
 from tests.test_pull import ServerTestCase
 
 
@@ -29,6 +29,12 @@ class RecordFaultTests(ServerTestCase):
         for _, _, names in os.walk(os.path.join(self.image_path, "blobs")):
             found += names
         return sorted(found)
+
+    async def start_with_blob(self, content: bytes) -> str:
+        """Start, with an upstream image whose layer is ``content``; the layer's digest."""
+        await self.start()
+        self.upstream.add_image("app", "v1", make_image(content))
+        return digest_of(content)
 
     async def clean_end(self, path: str) -> bool:
         """Whether a GET's body ends cleanly (else the connection was aborted under it)."""
@@ -57,11 +63,8 @@ class RecordFaultTests(ServerTestCase):
     def test_blob_not_recorded(self) -> Deferred[None]:
         """A blob whose row cannot be written fails its download (507), never ends cleanly, and leaves no file."""
         async def run() -> None:
-            await self.start()
             content = b"blob" * 4096
-            image = make_image(content)
-            self.upstream.add_image("app", "v1", image)
-            digest = next(d for d, c in image.blobs.items() if c == content)
+            digest = await self.start_with_blob(content)
             self.server_index.record_blob = full  # type: ignore[method-assign]
             clean = await self.clean_end(f"/v2/app/blobs/{digest}")
             self.assertEqual(self.stored(), [])
@@ -73,11 +76,8 @@ class RecordFaultTests(ServerTestCase):
     def test_blob_recorded_by_another_stays(self) -> Deferred[None]:
         """A file that a row names by the time the write failed stays: it is someone's cached blob."""
         async def run() -> None:
-            await self.start()
             content = b"shared" * 4096
-            image = make_image(content)
-            self.upstream.add_image("app", "v1", image)
-            digest = next(d for d, c in image.blobs.items() if c == content)
+            digest = await self.start_with_blob(content)
             record: Callable[..., Deferred[None]] = self.server_index.record_blob
 
             def recorded_then_lost(*args: Any) -> Deferred[None]:
