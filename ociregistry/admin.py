@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ociregistry.config import PruneSettings, parse_duration, parse_size
 from ociregistry.index import CachedImage, Index, IndexConnection
@@ -46,6 +46,7 @@ from ociregistry.prune import (
     prune,
     removal_store,
 )
+from ociregistry.site import ClientLimits, LimitedSite
 from ociregistry.store import BlobStore
 
 log = Logger()
@@ -327,13 +328,16 @@ def _answer(request: Request, status: int, text: str) -> bytes:
 
 
 def admin_site(index: Index, image_path: str, clock: IReactorTime, stop: Callable[[], None],
-               token: str | None = None, listen_host: str = "", to_thread: ToThread = inline) -> Site:
-    """The admin web site: /cmd/..., answering requests for a loopback name or ``listen_host``."""
+               token: str | None = None, listen_host: str = "", to_thread: ToThread = inline,
+               limits: ClientLimits = ClientLimits()) -> LimitedSite:
+    """The admin web site: /cmd/..., answering requests for a loopback name or ``listen_host``.
+
+    Its connections have the ``limits`` of every other listener's: header size
+    and deadline, idle time and connections per address.
+    """
     root = Resource()
     root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token, listen_host, to_thread))
-    site = Site(root)
-    site.displayTracebacks = False
-    return site
+    return LimitedSite(root, limits, reactor=clock)
 
 
 def _interface(listen: str) -> str:
@@ -345,12 +349,12 @@ def _interface(listen: str) -> str:
     return ""
 
 
-def make_admin_service(index: Index, image_path: str, listen: str, reactor: Any,
-                       stop: Callable[[], None], token: str | None = None) -> StreamServerEndpointService:
-    """The admin API listening where ``listen`` (a Twisted endpoint string) says."""
+def make_admin_service(index: Index, image_path: str, listen: str, reactor: Any, stop: Callable[[], None],
+                       token: str | None = None, limits: ClientLimits = ClientLimits()) -> StreamServerEndpointService:
+    """The admin API listening where ``listen`` (a Twisted endpoint string) says, its clients held to ``limits``."""
     to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
     service = StreamServerEndpointService(
         serverFromString(reactor, listen),
-        admin_site(index, image_path, reactor, stop, token, _interface(listen), to_thread))
+        admin_site(index, image_path, reactor, stop, token, _interface(listen), to_thread, limits))
     service.setName("admin")
     return service

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ociregistry.errors import OCIError
+from ociregistry.errors import Denied, RateLimited, ServiceUnavailable, TimedOut, Unavailable
 
 log = Logger()
 
@@ -54,8 +54,8 @@ def lookups_on_behalf_of(client: IAddress) -> None:
     _client.set(client.host if isinstance(client, (IPv4Address, IPv6Address)) else None)
 
 
-def _shutting_down(host: str) -> OCIError:
-    return OCIError(503, "UNAVAILABLE", f"the server is shutting down; {host} was not looked up")
+def _shutting_down(host: str) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the server is shutting down; {host} was not looked up")
 
 
 def _addresses(host: str) -> list[str]:
@@ -131,15 +131,14 @@ class Allowlist:
         if self._patterns:
             if any(fnmatch.fnmatchcase(netloc, p) or fnmatch.fnmatchcase(host_of(netloc), p) for p in self._patterns):
                 return
-            raise OCIError(403, "DENIED", f"upstream {netloc} is not in the allowed upstreams")
+            raise Denied(f"upstream {netloc} is not in the allowed upstreams")
         host = host_of(netloc)
         try:
             addresses = [host] if _is_address(host) else await self._resolve(host)
         except OSError:
-            raise OCIError(502, "UNAVAILABLE", f"upstream {netloc} could not be resolved") from None
+            raise Unavailable(f"upstream {netloc} could not be resolved") from None
         if not addresses or not all(is_public(a) for a in addresses):
-            raise OCIError(
-                403, "DENIED",
+            raise Denied(
                 f"upstream {netloc} is a private, loopback or link-local address; "
                 "configure it as a registry to allow it",
             )
@@ -220,7 +219,7 @@ class HostLookups:
         return len(self._pending)
 
     def addresses(self, host: str) -> Deferred[list[str]]:
-        """Every address of a host; fails with OSError if it has none, or OCIError past a limit."""
+        """Every address of a host; fails with OSError if it has none, or a ServiceUnavailable or RateLimited past a limit."""
         host = host.lower()
         if _is_address(host):
             return succeed([host])
@@ -238,12 +237,11 @@ class HostLookups:
         preferred = host in self._preferred
         client = None if preferred else _client.get()
         if not preferred and len(self._pending) >= self._max_pending:
-            return fail(OCIError(503, "UNAVAILABLE", f"too many name lookups under way; {host} was not looked up",
-                                 headers={b"Retry-After": b"1"}))
+            return fail(ServiceUnavailable(f"too many name lookups under way; {host} was not looked up",
+                                           retry_after=1))
         if client is not None and self._per_client[client] >= self._max_per_client:
-            return fail(OCIError(429, "TOOMANYREQUESTS",
-                                 f"too many name lookups under way for {client}; {host} was not looked up",
-                                 headers={b"Retry-After": b"1"}))
+            return fail(RateLimited(f"too many name lookups under way for {client}; {host} was not looked up",
+                                    retry_after=1))
         lookup = _Lookup(client, preferred)
         self._pending[host] = lookup
         if client is not None:
@@ -365,8 +363,8 @@ class HostLookups:
         log.warn("Looking up {host} took longer than {timeout} s", host=host, timeout=self._timeout)
         if not lookup.started:
             self._unqueue(host, lookup)
-        self._fail(host, lookup, OCIError(
-            504, "UNAVAILABLE", f"the name lookup of {host} took longer than {self._timeout:g} s"), remember=True)
+        self._fail(host, lookup, TimedOut(
+            f"the name lookup of {host} took longer than {self._timeout:g} s"), remember=True)
 
     def _fail(self, host: str, lookup: _Lookup, error: BaseException, remember: bool) -> None:
         if remember:

@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 
 from ociregistry.config import RegistrySettings
 from ociregistry.credentials import Credentials, Login
-from ociregistry.errors import OCIError
+from ociregistry.errors import Unauthorized, Unavailable
 from ociregistry.inflight import InFlight
 from ociregistry.transport import Transport
 
@@ -153,7 +153,7 @@ class Authenticator:
         realm = challenge.params["realm"]
         parsed = urlsplit(realm)
         if parsed.scheme not in ("http", "https") or not parsed.netloc or not realm.isascii():
-            raise OCIError(502, "UNAVAILABLE", f"upstream {registry} named an invalid token realm")
+            raise Unavailable(f"upstream {registry} named an invalid token realm")
         query = {"scope": scope}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
@@ -163,8 +163,7 @@ class Authenticator:
         login = await self._credentials.login(registry)
         if login is not None:
             if parsed.scheme == "http" and settings.scheme == "https":
-                raise OCIError(
-                    502, "UNAVAILABLE",
+                raise Unavailable(
                     f"the token realm {parsed.scheme}://{parsed.netloc}{parsed.path} of {registry} is plain HTTP; "
                     "credentials for a registry reached over HTTPS are not sent in clear text",
                 )
@@ -172,12 +171,8 @@ class Authenticator:
         response = await self._transport.send_to_realm(registry, settings.tls, url, headers)
         body = await self._transport.content(response, registry, _TOKEN_ANSWER_LIMIT)
         if response.code != 200:
-            denied = response.code in (401, 403)
-            raise OCIError(
-                401 if denied else 502,
-                "UNAUTHORIZED" if denied else "UNAVAILABLE",
-                f"token service of {registry} answered {response.code}",
-            )
+            answered = f"token service of {registry} answered {response.code}"
+            raise Unauthorized(answered) if response.code in (401, 403) else Unavailable(answered)
         try:
             document = json.loads(body)
             value = document.get("token") or document.get("access_token")
@@ -185,7 +180,7 @@ class Authenticator:
                 raise ValueError("no token in the answer")
             lifetime = float(document.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError) as e:
-            raise OCIError(502, "UNAVAILABLE", f"token service of {registry} sent an invalid answer: {e}") from None
+            raise Unavailable(f"token service of {registry} sent an invalid answer: {e}") from None
         # Refresh well before expiry: a request signed just before the end fails upstream.
         margin = min(30.0, lifetime / 4)
         self._tokens.put((registry, scope), value, self._clock.seconds() + lifetime - margin)

@@ -15,11 +15,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, Hashable, NamedTuple, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ociregistry.downloads import BlobSource, Downloads, StoredBlob
-from ociregistry.errors import OCIError, blob_unknown, manifest_unknown, name_unknown
+from ociregistry.errors import (
+    DigestMismatch, InvalidDigest, ManifestUnknown, NotFound, OCIError, Transient, blob_unknown, manifest_unknown,
+    name_unknown,
+)
 from ociregistry.grammar import Upstream as Where
 from ociregistry.grammar import check_digest, is_digest
 from ociregistry.index import Index, IndexConnection, ManifestRecord, utc
@@ -110,9 +114,9 @@ class Freshness:
     air_gapped: bool = False
 
 
-def air_gapped_error(what: OCIError) -> OCIError:
+def air_gapped_error(what: NotFound) -> NotFound:
     """A not-found error that says why nothing was fetched."""
-    return OCIError(what.status, what.code, f"{what.message} (not cached, and this server is air-gapped)", what.detail)
+    return type(what)(f"{what.message} (not cached, and this server is air-gapped)", what.detail)
 
 
 class Cache:
@@ -201,7 +205,7 @@ class Cache:
             except UpstreamNotFound:
                 if cached is None:
                     raise manifest_unknown(tag)
-                raise OCIError(404, "MANIFEST_UNKNOWN", "the upstream no longer has this tag")
+                raise ManifestUnknown("the upstream no longer has this tag")
             if digest is None or not _verifiable(digest):
                 found = await self._fetch(where, tag, tag)
             else:
@@ -270,17 +274,22 @@ class Cache:
         algorithm = reference.partition(":")[0] if is_digest(reference) else "sha256"
         digest = f"{algorithm}:{hashlib.new(algorithm, content).hexdigest()}"
         if is_digest(reference) and digest != reference:
-            raise OCIError(502, "DIGEST_INVALID", f"upstream sent a manifest that does not match {reference}")
+            raise DigestMismatch(f"upstream sent a manifest that does not match {reference}")
         if header_digest and header_digest.startswith(f"{algorithm}:") and header_digest != digest:
-            raise OCIError(502, "DIGEST_INVALID", f"upstream's Docker-Content-Digest {header_digest} does not match its manifest")
+            raise DigestMismatch(f"upstream's Docker-Content-Digest {header_digest} does not match its manifest")
         media_type, references = describe(content, content_type, f"upstream {where.registry}")
+
+        def row() -> "Deferred[ManifestRecord]":
+            return self._index.record_manifest(
+                digest, media_type, len(content), where.registry, where.repository, references, tag=tag
+            )
+
         if await self._index.manifest(digest) is None:
             writer = self._store.begin(digest)
             writer.write(content)
-            await writer.commit()
-        record = await self._index.record_manifest(
-            digest, media_type, len(content), where.registry, where.repository, references, tag=tag
-        )
+            record = await self._index.record_file(self._store, writer, row)
+        else:
+            record = await row()
         if media_type in IMAGE_TYPES:
             self._downloads.prefetch(where.registry, where.repository, [r.child for r in references])
         self._contents.put(digest, content)
@@ -346,9 +355,9 @@ class Cache:
             return await self._upstream.list_tags(where.registry, where.repository, query)
         except UpstreamNotFound:
             raise name_unknown(where.repository)
-        except OCIError as e:
+        except Transient:
             tags = await self._index.tags(where.registry, where.repository)
-            if e.status < 500 and e.status != 429 or not tags:
+            if not tags:
                 raise
             log.info("Upstream {registry} unavailable; listing cached tags", registry=where.registry)
         return _page(tags, query)
@@ -369,5 +378,5 @@ def _verifiable(digest: str) -> bool:
     try:
         check_digest(digest)
         return True
-    except OCIError:
+    except InvalidDigest:
         return False

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.utils import getProcessOutputAndValue
 
 from ociregistry.config import ConfigError, RegistrySettings
-from ociregistry.errors import OCIError
+from ociregistry.errors import CredentialsUnavailable, OCIError
 from ociregistry.grammar import canonical_registry
 from ociregistry.inflight import InFlight
 
@@ -138,7 +138,7 @@ class Credentials:
 
     async def _ask_helper(self, registry: str, helper: str) -> Login:
         program = helper if os.sep in helper else f"docker-credential-{helper}"
-        failure = OCIError(502, "UNAUTHORIZED", f"credential helper {helper} gave no credentials for {registry}")
+        failure = CredentialsUnavailable(f"credential helper {helper} gave no credentials for {registry}")
         try:
             out, _, code = await self._run_helper(program, registry)
             answer = json.loads(out)

@@ -21,7 +21,8 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ociregistry.errors import OCIError, blob_unknown
+from ociregistry.errors import DigestMismatch as WrongContent
+from ociregistry.errors import OCIError, ServiceUnavailable, Unavailable, blob_unknown
 from ociregistry.index import Index
 from ociregistry.inflight import Observable
 from ociregistry.metrics import Metrics
@@ -130,11 +131,11 @@ class BlobDownload(BlobSource):
             for _, waiter in ready:
                 waiter.callback(None)
 
-    async def commit(self) -> int:
-        """Verify and store; readers may then send the last byte."""
+    async def commit(self, index: Index, store: BlobStore) -> int:
+        """Verify, store and record; readers may then send the last byte."""
         if self.size is not None and self._writer.size != self.size:
-            raise OCIError(502, "UNAVAILABLE", f"upstream ended {self.digest} early")
-        await self._writer.commit()
+            raise Unavailable(f"upstream ended {self.digest} early")
+        await index.record_file(store, self._writer, lambda: index.record_blob(self.digest, self._writer.size))
         self._complete = True
         self.size = self._writer.size
         self._wake(None)
@@ -260,25 +261,24 @@ class Downloads:
             await self._upstream.read_body(response, write, registry)
             # If another registry's download of this digest committed first, this commit
             # renames identical verified bytes over its file, and the index keeps one row.
-            size = await download.commit()
-            await self._index.record_blob(digest, size)
+            size = await download.commit(self._index, self._store)
             log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
                      digest=digest, size=size, registry=registry, repository=repository)
         except UpstreamNotFound:
             result = Failure(blob_unknown(digest))
         except CancelledError:
-            result = Failure(OCIError(503, "UNAVAILABLE", f"download of {digest} was abandoned"))
+            result = Failure(ServiceUnavailable(f"download of {digest} was abandoned"))
         except DigestMismatch as e:
             log.warn("Upstream {registry} sent wrong bytes for {digest} (they hash to {actual})",
                      registry=registry, digest=digest, actual=e.actual)
-            result = Failure(OCIError(502, "DIGEST_INVALID", f"upstream sent content that does not match {digest}"))
+            result = Failure(WrongContent(f"upstream sent content that does not match {digest}"))
         except OCIError:
             result = Failure()
         except SizeExceeded as e:
-            result = Failure(OCIError(502, "UNAVAILABLE", str(e)))
+            result = Failure(Unavailable(str(e)))
         except Exception as e:
             log.failure("Download of {digest} from {registry} failed", digest=digest, registry=registry)
-            result = Failure(OCIError(502, "UNAVAILABLE", f"download of {digest} failed: {e}"))
+            result = Failure(Unavailable(f"download of {digest} failed: {e}"))
         del self._running[key]
         self._tasks.pop(key, None)
         if result is not None:

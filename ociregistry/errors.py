@@ -117,7 +117,23 @@ class Denied(RegistryError):
     """The upstream, or our allow-list, refuses access."""
 
 
-class Unavailable(RegistryError):
+class Unauthorized(RegistryError):
+    """The upstream's token service refuses the credentials it was given."""
+
+
+class Transient(RegistryError):
+    """A failure that may pass: asked again later, the same request may succeed.
+
+    ``retry_after`` (seconds, or an HTTP date as an upstream sent it), when
+    known, says when to try again.
+    """
+
+    def __init__(self, message: str, detail: Any = None, *, retry_after: int | str | None = None) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+
+
+class Unavailable(Transient):
     """The upstream cannot be reached or failed."""
 
 
@@ -132,9 +148,16 @@ class StorageUnavailable(Unavailable):
 class RateLimited(Unavailable):
     """Too many requests; ``retry_after`` (seconds), when known, says when to try again."""
 
-    def __init__(self, message: str, retry_after: int | None = None, detail: Any = None) -> None:
-        super().__init__(message, detail)
-        self.retry_after = retry_after
+    def __init__(self, message: str, retry_after: int | str | None = None, detail: Any = None) -> None:
+        super().__init__(message, detail, retry_after=retry_after)
+
+
+class CredentialsUnavailable(Unavailable):
+    """No credentials for an upstream could be had (its credential helper gave none)."""
+
+
+class ServiceUnavailable(Transient):
+    """This server cannot do it just now: it is shutting down, overloaded, or its index is unreachable."""
 
 
 class TooManyConnections(RateLimited):
@@ -198,10 +221,13 @@ _ANSWERS: dict[type[RegistryError], tuple[int, str]] = {
     InvalidParameter: (400, "UNSUPPORTED"),
     Unsupported: (405, "UNSUPPORTED"),
     Denied: (403, "DENIED"),
+    Unauthorized: (401, "UNAUTHORIZED"),
     Unavailable: (502, "UNAVAILABLE"),
     TimedOut: (504, "UNAVAILABLE"),
     StorageUnavailable: (503, "UNAVAILABLE"),
     RateLimited: (429, "TOOMANYREQUESTS"),
+    CredentialsUnavailable: (502, "UNAUTHORIZED"),
+    ServiceUnavailable: (503, "UNAVAILABLE"),
     InvalidManifest: (502, "MANIFEST_INVALID"),
     DigestMismatch: (502, "DIGEST_INVALID"),
     InsufficientStorage: (507, "UNAVAILABLE"),
@@ -222,7 +248,7 @@ def answer_for(error: OCIError) -> OCIAnswer:
     kind = next(k for k in type(error).__mro__ if k in _ANSWERS)
     status, code = _ANSWERS[kind]
     extra: dict[bytes, bytes] = {}
-    if isinstance(error, RateLimited) and error.retry_after is not None:
+    if isinstance(error, Transient) and error.retry_after is not None:
         extra[b"Retry-After"] = str(error.retry_after).encode("ascii")
     if isinstance(error, RangeNotSatisfiable):
         extra[b"Content-Range"] = f"bytes */{error.size}".encode("ascii")

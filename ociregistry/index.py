@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable, Concatenate, ContextManager, Iterable, Iterator, ParamSpec, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ociregistry.errors import OCIError
+from ociregistry.errors import OCIError, ServiceUnavailable
 
 if TYPE_CHECKING:
-    from ociregistry.store import BlobStore
+    from ociregistry.store import BlobStore, Writer
 
 log = Logger()
 
@@ -97,18 +97,18 @@ def migrations(engine: str = "sqlite") -> list[tuple[int, str]]:
     return [(number, "\n".join(sql for _, _, sql in sorted(parts))) for number, parts in sorted(found.items())]
 
 
-class IndexBusy(OCIError):
+class IndexBusy(ServiceUnavailable):
     """Another process held the index's write lock for longer than this connection waits."""
 
     def __init__(self) -> None:
-        super().__init__(503, "UNAVAILABLE", "the cache index is busy (a prune or check is running); retry")
+        super().__init__("the cache index is busy (a prune or check is running); retry")
 
 
-class IndexUnavailable(OCIError):
+class IndexUnavailable(ServiceUnavailable):
     """The index's database cannot be reached; requests that need it are answered 503 until it is back."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(503, "UNAVAILABLE", f"the cache index is unavailable: {why}")
+        super().__init__(f"the cache index is unavailable: {why}")
 
 
 class Engine:
@@ -251,6 +251,30 @@ class Index:
     def record_blob(self, digest: str, size: int) -> "Deferred[None]":
         """Add a verified, stored blob."""
         return self.engine.short(IndexConnection.record_blob, digest, size)
+
+    async def record_file(self, store: BlobStore, writer: Writer, record: Callable[[], "Deferred[T]"]) -> T:
+        """Rename a verified file into place, then write the row that names it (``record``).
+
+        When the row cannot be written (the disk is full, the index unreachable)
+        the file goes again, unless a row names it by then or another writer's
+        file replaced it: blobs/ keeps no file that no row names.
+        """
+        await writer.commit()
+        try:
+            return await record()
+        except CancelledError:
+            # The row may be written yet: a file too many is swept by ``check --repair``.
+            raise
+        except Exception as e:
+            if writer.identity is not None:
+                try:
+                    await self.engine.short(IndexConnection.remove_unnamed, store, writer.digest, writer.identity)
+                except CancelledError:
+                    raise
+                except Exception as again:
+                    log.warn("Stored {digest} is not recorded ({why}) and stays until check --repair: {again}",
+                             digest=writer.digest, why=str(e), again=str(again))
+            raise
 
     def forget_blob(self, digest: str) -> "Deferred[None]":
         """Drop a blob row whose file has gone, so that it is fetched again."""
@@ -497,6 +521,11 @@ class IndexConnection:
             "SELECT 1 FROM manifests WHERE digest = ? UNION ALL SELECT 1 FROM blobs WHERE digest = ?",
             (digest, digest)).fetchone() is not None
 
+    def remove_unnamed(self, store: "BlobStore", digest: str, identity: tuple[int, int]) -> None:
+        """Remove a digest's file unless a row names it now, or it is no longer the file ``identity`` names."""
+        if not self.names(digest):
+            store.remove(digest, identity)
+
     def stored_size(self, digest: str, kind: str) -> int | None:
         """The size a manifest (kind 'manifest') or blob row records now, or None without a row."""
         table = "manifests" if kind == "manifest" else "blobs"
@@ -586,8 +615,8 @@ class IndexConnection:
                 # Which files the rows named, while no one can record those digests again.
                 files = {digest: store.identity(digest) for digest in doomed} if store is not None else {}
             for digest, identity in sorted(files.items()):
-                if store is not None and identity is not None and not self.names(digest):
-                    store.remove(digest, identity)
+                if store is not None and identity is not None:
+                    self.remove_unnamed(store, digest, identity)
             if finished:
                 return Removal(tuple(removed), tuple(manifests.items()), tuple(blobs.items()))
             # A gap between transactions, for a writer that waits for the lock.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ociregistry.errors import OCIError
+from ociregistry.errors import InvalidDigest, InvalidManifest
 from ociregistry.grammar import check_digest
 from ociregistry.index import Reference
 
@@ -24,8 +24,8 @@ KNOWN_TYPES = INDEX_TYPES + IMAGE_TYPES + DOCKER_SCHEMA1
 _VAGUE_TYPES = ("", "application/json", "application/octet-stream", "text/plain")
 
 
-def _invalid(source: str, why: str) -> OCIError:
-    return OCIError(502, "MANIFEST_INVALID", f"{source} sent an invalid manifest: {why}")
+def _invalid(source: str, why: str) -> InvalidManifest:
+    return InvalidManifest(f"{source} sent an invalid manifest: {why}")
 
 
 def describe(content: bytes, content_type: str | None, source: str) -> tuple[str, list[Reference]]:
@@ -83,7 +83,7 @@ def _reference(descriptor: dict[str, Any], kind: str) -> Reference:
     try:
         # These digests become file names: only well-formed ones are accepted.
         check_digest(digest)
-    except OCIError as e:
+    except InvalidDigest as e:
         raise ValueError(e.message) from None
     platform = _platform(descriptor.get("platform")) if kind == "manifest" else None
     return Reference(digest, kind, str(descriptor["mediaType"]), int(descriptor["size"]), platform)

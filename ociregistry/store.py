@@ -20,7 +20,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ociregistry.errors import OCIError
+from ociregistry.errors import InsufficientStorage
 
 log = Logger()
 
@@ -32,11 +32,11 @@ MINIMUM_FREE = 1024 * 1024
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class StorageFull(OCIError):
+class StorageFull(InsufficientStorage):
     """The disk under the image path has no room for new content."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(507, "UNAVAILABLE", f"the cache has no room for new content: {why}")
+        super().__init__(f"the cache has no room for new content: {why}")
         self.why = why
 
 
@@ -112,7 +112,7 @@ class BlobStore:
             self._full_at = None
         return None
 
-    def failed(self, error: OSError, written: int = 0) -> OCIError | OSError:
+    def failed(self, error: OSError, written: int = 0) -> StorageFull | OSError:
         """What a failed write means for clients: StorageFull when the disk is full.
 
         The disk counts as full (for /health and new writes) until it has
@@ -178,6 +178,8 @@ class Writer:
         self.digest = digest
         self.path = path
         self.size = 0
+        # Which file (device and inode) the commit put in place.
+        self.identity: tuple[int, int] | None = None
         self._store = store
         self._limit = limit
         self._hash = hashlib.new(digest.partition(":")[0])
@@ -230,6 +232,8 @@ class Writer:
         directory = os.path.dirname(final)
         try:
             await self._store._defer_to_thread(os.fsync, fd)
+            found = os.fstat(fd)
+            self.identity = (found.st_dev, found.st_ino)
             self._close()
             os.makedirs(directory, exist_ok=True)
             os.replace(self.path, final)

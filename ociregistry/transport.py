@@ -54,7 +54,7 @@ from zope.interface import implementer
 
 from ociregistry.allowlist import Allowlist, CheckedResolver, ReactorWithResolver
 from ociregistry.config import RegistrySettings, TLSSettings, parse_duration, parse_size
-from ociregistry.errors import OCIError
+from ociregistry.errors import OCIError, ServiceUnavailable, TimedOut, Unavailable
 from ociregistry.metrics import Metrics
 
 log = Logger()
@@ -263,16 +263,15 @@ class _BodyReader(Protocol):
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
-            self.done.errback(OCIError(502, "UNAVAILABLE", f"upstream {self._source} broke off: {describe(reason.value)}"))
+            self.done.errback(Unavailable(f"upstream {self._source} broke off: {describe(reason.value)}"))
 
     def _stalled(self) -> None:
-        self._fail(Failure(OCIError(504, "UNAVAILABLE", f"upstream {self._source} stalled for {self._idle:g} s")))
+        self._fail(Failure(TimedOut(f"upstream {self._source} stalled for {self._idle:g} s")))
 
     def _check_rate(self) -> None:
         received, self._in_window = self._in_window, 0
         if received < self._min_rate * self._window:
-            self._fail(Failure(OCIError(
-                504, "UNAVAILABLE",
+            self._fail(Failure(TimedOut(
                 f"upstream {self._source} sent {received} bytes in {self._window:g} s, "
                 f"below the minimum rate of {self._min_rate:g} bytes/s",
             )))
@@ -430,13 +429,13 @@ class Transport:
                 await pause
             except CancelledError:
                 if self._closed:
-                    raise OCIError(503, "UNAVAILABLE", f"{what} failed and the server is shutting down") from None
+                    raise ServiceUnavailable(f"{what} failed and the server is shutting down") from None
                 raise
             finally:
                 self._pauses.discard(pause)
         raise AssertionError("unreachable")
 
-    def _explain(self, failure: Exception, what: str) -> tuple[OCIError, bool]:
+    def _explain(self, failure: Exception, what: str) -> tuple[Unavailable, bool]:
         """The OCI error for a failed attempt, and whether another attempt may do better.
 
         Raises CancelledError when the request was cancelled, not failed.
@@ -445,18 +444,18 @@ class Transport:
         if any(isinstance(r, (CancelledError, neterror.ConnectingCancelledError)) for r in reasons):
             raise CancelledError()
         if isinstance(failure, AnswerTimeout):
-            return OCIError(504, "UNAVAILABLE", f"{what} did not answer in {self._response_timeout:g} s"), True
+            return TimedOut(f"{what} did not answer in {self._response_timeout:g} s"), True
         if any(isinstance(r, neterror.TimeoutError) for r in reasons):
-            return OCIError(504, "UNAVAILABLE", f"{what} did not accept a connection in {self._connect_timeout:g} s"), True
+            return TimedOut(f"{what} did not accept a connection in {self._connect_timeout:g} s"), True
         tls = [r for r in reasons if isinstance(r, SSL.Error)]
         if tls:
-            return OCIError(502, "UNAVAILABLE", f"TLS to {what} failed: {describe(tls[0])}"), False
+            return Unavailable(f"TLS to {what} failed: {describe(tls[0])}"), False
         if any(isinstance(r, InfiniteRedirection) for r in reasons):
-            return OCIError(502, "UNAVAILABLE", f"{what} redirected more than {_MAX_REDIRECTS} times"), False
+            return Unavailable(f"{what} redirected more than {_MAX_REDIRECTS} times"), False
         if any(isinstance(r, RedirectWithNoLocation) for r in reasons):
-            return OCIError(502, "UNAVAILABLE", f"{what} redirected without a Location"), False
+            return Unavailable(f"{what} redirected without a Location"), False
         if isinstance(failure, (ResponseFailed, neterror.ConnectError, neterror.DNSLookupError, neterror.ConnectionLost)):
-            return OCIError(502, "UNAVAILABLE", f"{what} unreachable: {describe(failure)}"), True
+            return Unavailable(f"{what} unreachable: {describe(failure)}"), True
         raise failure
 
     def _observe(self, registry: str, outcome: str, started: float) -> None:
@@ -481,8 +480,8 @@ class Transport:
             nonlocal received
             received += len(data)
             if received > limit:
-                raise too_large() if too_large else OCIError(
-                    502, "UNAVAILABLE", f"upstream {source} sent more than {limit} bytes")
+                raise too_large() if too_large else Unavailable(
+                    f"upstream {source} sent more than {limit} bytes")
             chunks.append(data)
 
         await self.read_body(response, collect, source)

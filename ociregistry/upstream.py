@@ -20,7 +20,7 @@ from ociregistry.allowlist import Allowlist
 from ociregistry.auth import Authenticator
 from ociregistry.config import RegistrySettings, registry_settings
 from ociregistry.credentials import Credentials
-from ociregistry.errors import OCIError
+from ociregistry.errors import Denied, RateLimited, TooLarge, Unavailable
 from ociregistry.metrics import Metrics
 from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_RATE_WINDOW, Transport, header
 
@@ -140,7 +140,7 @@ class Upstream:
             if not all(isinstance(tag, str) for tag in tags):
                 raise ValueError("tags must be strings")
         except (ValueError, KeyError, TypeError) as e:
-            raise OCIError(502, "UNAVAILABLE", f"upstream {registry} sent an invalid tag list: {e}") from None
+            raise Unavailable(f"upstream {registry} sent an invalid tag list: {e}") from None
         return tags, response.headers.hasHeader(b"link")
 
     async def request(
@@ -189,13 +189,12 @@ class Upstream:
             if code == 401 and not self._credentials.configured(registry):
                 # Docker Hub answers unknown repositories this way to anonymous clients.
                 raise UpstreamNotFound()
-            raise OCIError(403, "DENIED", f"upstream {registry} refused access ({code})")
+            raise Denied(f"upstream {registry} refused access ({code})")
         if code == 429:
             retry = header(response, b"retry-after")
-            headers = {b"Retry-After": retry.encode("ascii")} if retry else {}
-            raise OCIError(429, "TOOMANYREQUESTS", f"upstream {registry} is rate limiting", headers=headers)
-        raise OCIError(502, "UNAVAILABLE", f"upstream {registry} answered {code}")
+            raise RateLimited(f"upstream {registry} is rate limiting", retry if retry and retry.isascii() else None)
+        raise Unavailable(f"upstream {registry} answered {code}")
 
 
-def _too_large(registry: str, limit: int) -> OCIError:
-    return OCIError(502, "MANIFEST_INVALID", f"manifest from {registry} is larger than {limit} bytes")
+def _too_large(registry: str, limit: int) -> TooLarge:
+    return TooLarge(f"manifest from {registry} is larger than {limit} bytes")
