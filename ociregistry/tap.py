@@ -589,7 +589,7 @@ def makeService(options: Options) -> IService:
         StreamServerEndpointService(endpoint(description), factory).setServiceParent(listeners)
     if config.admin_listen != "none":
         make_admin_service(index, config.image_path, config.admin_listen, reactor, reactor.stop,
-                           config.admin_token).setServiceParent(service)
+                           config.admin_token, config.client_limits()).setServiceParent(service)
     if config.prune is not None and config.prune.enabled:
         make_prune_service(config.prune, index, config.image_path, reactor,
                            partial(deferToThreadPool, reactor, reactor.getThreadPool())).setServiceParent(service)
