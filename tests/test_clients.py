@@ -23,6 +23,7 @@ import yaml
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from ociregistry import __version__
 from tests.realparts import (
     START_TIMEOUT,
     ImageSet,
@@ -179,7 +180,7 @@ class ContainerdTests(TestCase):
         wanted = {image.digest, *image.manifests.values(), *image.blobs}
         self.assertEqual(wanted - await containerd.content(), set())
         await registry.settled()
-        self.assertEqual(agents_since(registry, offset), {"ociregistry"})
+        self.assertEqual(agents_since(registry, offset), {f"ociregistry/{__version__}"})
 
     async def test_default_hosts(self) -> None:
         """`_default/hosts.toml` naming the server as a pull/resolve host pulls an OCI index through it."""
@@ -266,4 +267,4 @@ class PodmanTests(TestCase):
         amd64 = json.loads(image.manifest_bytes(image.manifests["linux/amd64"]))
         self.assertEqual(inspected.split(), [amd64["config"]["digest"].split(":")[1], image.digest])
         await registry.settled()
-        self.assertEqual(agents_since(registry, offset), {"ociregistry"})
+        self.assertEqual(agents_since(registry, offset), {f"ociregistry/{__version__}"})
