@@ -11,12 +11,17 @@ from typing import Any
 import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.python.failure import Failure
+from twisted.web.client import Agent
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from treq import content
 from treq.testing import RequestTraversalAgent
 
@@ -29,6 +34,7 @@ from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import BlobStore
 from tests.fakes import connection_of, digest_of
 from tests.postgres_service import fresh_database
+from tests.realparts import free_port
 from tests.test_load import run_cli
 from tests.test_store import inline
 
@@ -237,6 +243,66 @@ class PeerTests(SynchronousTestCase):
         self.failureResultOf(Deferred.fromCoroutine(
             open_from_peer(agent, "file:///", "quay.io", "x", BLOB, A))).trap(PeerRefused)
         self.assertEqual(len(blob.requests), 1)
+
+
+class PeerSocketTests(TestCase):
+    """A peer on a real socket: its bytes arrive as it sends them; when it is gone, the follower takes over."""
+
+    timeout = 30
+
+    async def test_bytes_before_the_end(self) -> None:
+        """Over TCP, the first half of a blob reaches the follower while the peer still holds back the rest."""
+        blob = _Blob()
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.23.1").listen(Site(blob))
+        self.addCleanup(port.stopListening)
+        peer = f"http://127.0.23.1:{port.getHost().port}"
+        response = await open_from_peer(Agent(reactor), peer, "quay.io", "team/app", BLOB, A)
+        arrived: Deferred[bytes] = Deferred()
+        received = _Received(arrived)
+        response.deliverBody(received)
+        self.assertEqual(await arrived, b"first half ")
+        (request,) = blob.requests
+        self.assertFalse(request.finished)
+        request.write(b"and the rest")
+        request.finish()
+        await received.done
+        self.assertEqual(b"".join(received.chunks), b"first half and the rest")
+
+    async def test_unreachable_peer_taken_over(self) -> None:
+        """A follower that cannot reach the owner gets a connection error, then owns the download once the lease ends."""
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        index = Index(SqliteEngine(self.mktemp(), clock))
+        self.addCleanup(index.close)
+        dead = f"http://127.0.23.2:{free_port('127.0.23.2')}"
+        owner, follower = Cluster(index, dead, clock, LEASE), Cluster(index, A, clock, LEASE)
+        await owner.claim("docker.io", BLOB)
+        peer = await follower.claim("docker.io", BLOB)
+        assert isinstance(peer, Peer)
+        with self.assertRaises(ConnectError):
+            await open_from_peer(Agent(reactor), peer.url, "docker.io", "library/x", BLOB, A)
+        after = Deferred.fromCoroutine(follower.claim_after("docker.io", BLOB, peer))
+        clock.advance(LEASE - 1)
+        self.assertNoResult(after)
+        clock.advance(1)
+        self.assertIsInstance(await after, Ours)
+
+
+class _Received(Protocol):
+    """A body's chunks; ``arrived`` fires with the first, ``done`` at the end."""
+
+    def __init__(self, arrived: "Deferred[bytes]") -> None:
+        self.arrived = arrived
+        self.chunks: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if len(self.chunks) == 1:
+            self.arrived.callback(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(None)
 
 
 class PostgresClusterTests(TestCase):
