@@ -35,7 +35,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ociregistry.bodies import discard
-from ociregistry.index import Index, IndexConnection
+from ociregistry.index import Index, IndexBusy, IndexConnection, IndexUnavailable
 
 log = Logger()
 
@@ -103,8 +103,7 @@ class Cluster:
                                               self.clock.seconds(), self.lease_seconds)
         if owner != self.url:
             return Peer(owner, _seconds(expires))
-        ours = self._held.setdefault(key, Ours(registry, digest))
-        return ours
+        return self._held.setdefault(key, Ours(registry, digest))
 
     async def claim_after(self, registry: str, digest: str, failed: Peer) -> Ours | Peer:
         """Claim again after streaming from ``failed`` broke or could not start.
@@ -122,7 +121,8 @@ class Cluster:
 
     async def renew(self) -> None:
         """Extend every lease this replica holds; one found taken over fires its ``lost``.  Errors are logged."""
-        keys = self.held
+        renewing = dict(self._held)
+        keys = sorted(renewing)
         if not keys:
             return
         try:
@@ -130,12 +130,17 @@ class Cluster:
                                         self.lease_seconds)
         except CancelledError:
             raise
+        except (IndexBusy, IndexUnavailable) as e:
+            # Said every few seconds while the index is down: one line, no traceback.
+            log.warn("Renewing {count} download leases failed: {why}", count=len(keys), why=e.message)
+            return
         except Exception:
             log.failure("Renewing {count} download leases failed", count=len(keys))
             return
         for key in lost:
-            ours = self._held.pop(key, None)
-            if ours is not None:
+            # Not one released (and perhaps claimed anew) while the renewal ran.
+            if key in self._held and self._held[key] is renewing[key]:
+                ours = self._held.pop(key)
                 log.warn("The download lease of {digest} ({registry}) was taken over by another replica",
                          registry=key[0], digest=key[1])
                 ours.lost.callback(None)

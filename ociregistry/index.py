@@ -713,7 +713,8 @@ class IndexConnection:
                                     (registry, digest)).fetchone()
         return str(row[0]), str(row[1])
 
-    def renew_downloads(self, keys: list[tuple[str, str]], owner: str, now: float, lease: float) -> list[tuple[str, str]]:
+    def renew_downloads(self, keys: list[tuple[str, str]], owner: str, now: float,
+                        lease: float) -> list[tuple[str, str]]:
         """Extend ``owner``'s leases of these (registry, digest); the ones it no longer holds."""
         lost = []
         with self._writing(), self._transaction():

@@ -154,6 +154,26 @@ class ClusterTests(SynchronousTestCase):
         self.successResultOf(ours.lost)
         self.assertEqual((self.a.held, self.b.held), ([], [("docker.io", BLOB)]))
 
+    def test_renewal_racing_a_release(self) -> None:
+        """A lease released and claimed anew while a renewal was on its way is not taken for lost."""
+        renewing: Deferred[list[tuple[str, str]]] = Deferred()
+        run = self.index.run
+
+        def slow_renewal(interaction: Any, *args: Any) -> Any:
+            return renewing if interaction is IndexConnection.renew_downloads else run(interaction, *args)
+
+        self.patch(self.index, "run", slow_renewal)
+        first = self.claim(self.a)
+        renewal = Deferred.fromCoroutine(self.a.renew())
+        self.successResultOf(Deferred.fromCoroutine(self.a.release("docker.io", BLOB)))
+        second = self.claim(self.a)
+        assert isinstance(first, Ours) and isinstance(second, Ours)
+        renewing.callback([("docker.io", BLOB)])
+        self.successResultOf(renewal)
+        self.assertNoResult(first.lost)
+        self.assertNoResult(second.lost)
+        self.assertEqual(self.a.held, [("docker.io", BLOB)])
+
     def test_takeover_waits_for_expiry(self) -> None:
         """A follower whose peer died claims again when the lease expires, and becomes the owner."""
         peer = self.claim(self.a)
@@ -269,7 +289,7 @@ class PeerSocketTests(TestCase):
         self.assertEqual(b"".join(received.chunks), b"first half and the rest")
 
     async def test_unreachable_peer_taken_over(self) -> None:
-        """A follower that cannot reach the owner gets a connection error, then owns the download once the lease ends."""
+        """A follower that cannot reach the owner gets a connection error, and owns the download once the lease ends."""
         clock = Clock()
         clock.advance(1_700_000_000)
         index = Index(SqliteEngine(self.mktemp(), clock))
