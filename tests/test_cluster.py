@@ -3,6 +3,7 @@ and pruning that spares what a replica downloads or serves and runs on one repli
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -34,7 +35,7 @@ from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import BlobStore
 from tests.fakes import connection_of, digest_of
 from tests.postgres_service import fresh_database
-from tests.realparts import free_port
+from tests.realparts import free_port, http_request, start_server
 from tests.test_load import run_cli
 from tests.test_store import inline
 
@@ -460,6 +461,26 @@ class PostgresPruneTests(PruneCases, TestCase):
         refused = await run_cli(*common, "--grace", "soon")
         self.assertEqual(refused.returncode, 1, refused.stdout)
         self.assertIn("invalid duration 'soon'", refused.stderr)
+
+    async def test_admin_prune(self) -> None:
+        """The admin API's prune on a shared index spares a leased blob and recent pulls, unless grace=0."""
+        _, leased = self.image("team/old", pulled=3600)
+        self.image("team/new", pulled=60)
+        self.index.claim_download("quay.io", leased, B, self.index.seconds(), LEASE)
+        port = free_port("127.0.23.1")
+        await start_server(self.store.root, test=self, args=(
+            "--index-url", self.url, "--admin-listen", f"tcp:{port}:interface=127.0.23.1"))
+        prune = f"http://127.0.23.1:{port}/cmd/prune?type=pattern&expr=team&dryRun=false&format=json"
+        response, body = await http_request("DELETE", prune)
+        self.assertEqual(response.code, 200, body)
+        removed = json.loads(body)
+        self.assertEqual((removed["images"], removed["blobs"]), (["quay.io/team/old:v1"], []))
+        self.assertEqual(self.index.blob_size(leased), 64)
+        response, body = await http_request("DELETE", prune + "&grace=0")
+        self.assertEqual(json.loads(body)["images"], ["quay.io/team/new:v1"])
+        response, body = await http_request("DELETE", prune + "&grace=later")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"grace: invalid duration 'later'", body)
 
     async def test_one_background_prune_at_a_time(self) -> None:
         """While another replica holds the prune lock, a background pass skips (and says so); then it prunes."""
