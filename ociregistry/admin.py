@@ -234,13 +234,14 @@ class AdminAPI(Resource):
             count=_count(query),
             dry_run=dry_run,
         )
+        grace = _parameter(parse_duration, query["grace"], "grace") if "grace" in query else None
         try:
             criteria = criteria_for(settings, self._clock.seconds())
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
         def pruning(index: IndexConnection) -> tuple[list[str], Any]:
-            removal = prune(index, self._store, criteria, dry_run)
+            removal = prune(index, self._store, criteria, dry_run, grace)
             return describe_removal(removal, dry_run), {
                 "dryRun": dry_run,
                 "images": [i.reference for i in removal.images],

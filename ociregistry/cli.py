@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from ociregistry import __version__
-from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_size
+from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_duration, parse_size
 from ociregistry.downloads import BlobDownload
 from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
@@ -260,13 +260,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             max_size=parse_size(args.max_size) if args.max_size else None,
             count=args.count,
         )
+        grace = parse_duration(args.grace) if args.grace is not None else None
     except ValueError as e:
         raise CommandError(str(e)) from None
     if criteria.is_empty():
         raise CommandError("say what to prune: --pattern, --created-before, --accessed-before or --max-size")
     index = _index(args, writable=not args.dry_run)
     try:
-        removal = prune(index, removal_store(_image_path(args)), criteria, args.dry_run)
+        removal = prune(index, removal_store(_image_path(args)), criteria, args.dry_run, grace)
     finally:
         index.close()
     print("\n".join(describe_removal(removal, args.dry_run)))
@@ -345,6 +346,9 @@ def parser() -> argparse.ArgumentParser:
                          "cache fits, e.g. 50GiB")
     pruning.add_argument("--count", type=_positive, help="remove at most this many images")
     pruning.add_argument("--dry-run", action="store_true", help="print what would go and change nothing")
+    pruning.add_argument("--grace", metavar="DURATION",
+                         help="keep what was pulled or fetched this recently, which another replica may be "
+                         "serving (default 10m on a shared index, 0 on an embedded one)")
     pruning.set_defaults(run=cmd_prune)
 
     checking = commands.add_parser("check", parents=[cache], help="verify every file against its digest",

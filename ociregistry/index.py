@@ -48,6 +48,8 @@ BATCH_SECONDS = 0.02
 # own busy handler backs off to 100 ms, so a waiter would miss the short gaps
 # between a prune's transactions and wait for the whole prune.
 LOCK_POLL_SECONDS = 0.001
+# The advisory lock of background pruning, so that one replica prunes at a time.
+PRUNE_LOCK = 0x6F63697265670002
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class Engine:
     """What differs between database engines, and where each kind of work runs.  One small subclass each."""
 
     name = ""
+    # Whether several replicas may share the index (and the storage beside it).
+    shared = False
     # The driver's errors: what a query against a broken database raises.
     errors: tuple[type[Exception], ...] = ()
     clock: IReactorTime
@@ -146,6 +150,16 @@ class Engine:
     def trial(self, connection: "IndexConnection") -> ContextManager["IndexConnection"]:
         """A connection whose changes are thrown away, to work out what a change would do."""
         raise NotImplementedError
+
+    def try_lock(self, db: Any, key: int) -> bool:
+        """Take a lock other connections to the database cannot take meanwhile, unless one holds it: whether taken.
+
+        An embedded index has one server, so there is no one to exclude.
+        """
+        return True
+
+    def unlock(self, db: Any, key: int) -> None:
+        """Give up a lock try_lock took."""
 
     def start(self) -> None:
         """Open what the server's short work uses (raises CacheUnusable when it cannot)."""
@@ -357,6 +371,11 @@ class IndexConnection:
         """The driver's connection."""
         return self._db
 
+    @property
+    def shared(self) -> bool:
+        """Whether several replicas may share this index."""
+        return self._engine.shared
+
     def migrate(self) -> int:
         """Apply every schema file newer than the database; returns the version."""
         return self._engine.migrate(self._db)
@@ -368,6 +387,10 @@ class IndexConnection:
     def trial(self) -> ContextManager["IndexConnection"]:
         """A connection whose changes are thrown away, to work out what a prune would do."""
         return self._engine.trial(self)
+
+    def seconds(self) -> float:
+        """Now, by the index's clock."""
+        return float(self._clock.seconds())
 
     def _now(self) -> str:
         return utc(self._clock.seconds())
@@ -580,7 +603,8 @@ class IndexConnection:
         return int(size)
 
     def remove_images(self, images: Iterable["CachedImage"], fit: int | None = None,
-                      store: "BlobStore | None" = None, batch: int = 100) -> "Removal":
+                      store: "BlobStore | None" = None, batch: int = 100,
+                      orphans_since: str | None = None) -> "Removal":
         """Untag images, drop the manifests and blobs nothing else uses, then every unreferenced blob.
 
         With ``fit``, stops once the cache is no larger than that many bytes.
@@ -590,6 +614,8 @@ class IndexConnection:
         are removed, so a crash leaves files no row names (which ``check
         --repair`` sweeps), never a row without its file; a file fetched and
         recorded anew meanwhile is left alone.  Without a store, only rows change.
+        A blob some replica is downloading (under a live lease) is never
+        removed, nor, with ``orphans_since``, an unused blob recorded since then.
         """
         pending = list(images)
         pending.reverse()
@@ -602,15 +628,21 @@ class IndexConnection:
             with self._transaction():
                 began = time.monotonic()
                 taken = 0
+                # Read in each transaction: a replica may claim a download while the prune runs.
+                kept = self.downloading()
                 while pending and (fit is None or size > fit) and (
                         taken == 0 or (taken < batch and time.monotonic() - began < BATCH_SECONDS)):
                     image = pending.pop()
-                    size -= self._remove_image(image, manifests, blobs, doomed)
+                    size -= self._remove_image(image, manifests, blobs, doomed, kept)
                     removed.append(image)
                     taken += 1
                 finished = not pending or (fit is not None and size <= fit)
                 if finished:
-                    orphans = dict(self._execute("SELECT digest, size FROM blobs_unreferenced"))
+                    orphans = {
+                        digest: size for digest, size, created in self._execute(
+                            "SELECT u.digest, u.size, b.created FROM blobs_unreferenced u"
+                            " JOIN blobs b ON b.digest = u.digest")
+                        if digest not in kept and (orphans_since is None or created < orphans_since)}
                     self._drop_blobs(orphans, blobs, doomed)
                 # Which files the rows named, while no one can record those digests again.
                 files = {digest: store.identity(digest) for digest in doomed} if store is not None else {}
@@ -623,7 +655,7 @@ class IndexConnection:
             time.sleep(LOCK_POLL_SECONDS * 2)
 
     def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
-                      doomed: set[str]) -> int:
+                      doomed: set[str], kept: set[str]) -> int:
         """Untag one image and drop what only it used; returns the bytes freed."""
         if image.tag is not None:
             self._execute("DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
@@ -634,7 +666,7 @@ class IndexConnection:
         freed = {}
         for blob in sorted(used):
             size = None if blob in blobs else self.blob_size(blob)
-            if size is not None and not self._execute(
+            if size is not None and blob not in kept and not self._execute(
                     "SELECT 1 FROM manifest_refs WHERE child = ? AND kind IN ('config', 'layer') LIMIT 1",
                     (blob,)).fetchone():
                 freed[blob] = size
@@ -687,6 +719,74 @@ class IndexConnection:
         with self._writing(), self._transaction():
             self._execute("UPDATE manifests SET created = ?, pulled = ? WHERE digest = ?",
                              (created, pulled, digest))
+
+    def claim_download(self, registry: str, digest: str, owner: str, now: float,
+                       lease: float) -> tuple[str, str]:
+        """Take the download of a digest for ``owner`` unless another holds a live lease; (owner, expiry) after.
+
+        One statement inserts the lease, or takes over one that has expired
+        (or is ``owner``'s own, from an earlier life): two claimants never both
+        get it.  When it stays another's, that row is locked until the
+        transaction ends, so the owner read next is the one that won.
+        """
+        with self._writing(), self._transaction():
+            row = self._execute(
+                "INSERT INTO downloads (registry, digest, owner, expires, started) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (registry, digest) DO UPDATE"
+                " SET owner = excluded.owner, expires = excluded.expires, started = excluded.started"
+                " WHERE downloads.expires <= ? OR downloads.owner = excluded.owner"
+                " RETURNING owner, expires",
+                (registry, digest, owner, utc(now + lease), utc(now), utc(now))).fetchone()
+            if row is None:
+                row = self._execute("SELECT owner, expires FROM downloads WHERE registry = ? AND digest = ?",
+                                    (registry, digest)).fetchone()
+        return str(row[0]), str(row[1])
+
+    def renew_downloads(self, keys: list[tuple[str, str]], owner: str, now: float,
+                        lease: float) -> list[tuple[str, str]]:
+        """Extend ``owner``'s leases of these (registry, digest); the ones it no longer holds."""
+        lost = []
+        with self._writing(), self._transaction():
+            for registry, digest in keys:
+                cursor = self._execute(
+                    "UPDATE downloads SET expires = ? WHERE registry = ? AND digest = ? AND owner = ?",
+                    (utc(now + lease), registry, digest, owner))
+                if cursor.rowcount == 0:
+                    lost.append((registry, digest))
+        return lost
+
+    def release_downloads(self, keys: list[tuple[str, str]], owner: str) -> None:
+        """End ``owner``'s leases of these (registry, digest), if it still holds them."""
+        with self._writing(), self._transaction():
+            self._executemany("DELETE FROM downloads WHERE registry = ? AND digest = ? AND owner = ?",
+                              [(registry, digest, owner) for registry, digest in keys])
+
+    def release_downloads_of(self, owner: str) -> int:
+        """End every lease ``owner`` holds (those of its previous life at start); how many."""
+        with self._writing(), self._transaction():
+            cursor = self._execute("DELETE FROM downloads WHERE owner = ?", (owner,))
+        return int(cursor.rowcount)
+
+    def download_owner(self, registry: str, digest: str, now: float) -> str | None:
+        """The replica downloading a digest under a live lease, if any."""
+        row = self._execute("SELECT owner FROM downloads WHERE registry = ? AND digest = ? AND expires > ?",
+                            (registry, digest, utc(now))).fetchone()
+        return str(row[0]) if row else None
+
+    def downloading(self) -> set[str]:
+        """The digests some replica is downloading now, under a live lease."""
+        return {digest for (digest,) in self._execute(
+            "SELECT digest FROM downloads WHERE expires > ?", (self._now(),))}
+
+    @contextmanager
+    def pruning_alone(self) -> Iterator[bool]:
+        """Whether this connection may prune while no other does (PostgreSQL's advisory lock), held inside."""
+        alone = self._engine.try_lock(self._db, PRUNE_LOCK)
+        try:
+            yield alone
+        finally:
+            if alone:
+                self._engine.unlock(self._db, PRUNE_LOCK)
 
 
 

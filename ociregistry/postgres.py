@@ -50,6 +50,7 @@ class PostgresEngine(Engine):
     """The shared index in PostgreSQL (15 or newer), reached through psycopg 3."""
 
     name = "postgres"
+    shared = True
     errors = (psycopg.Error,)
 
     def __init__(self, url: str, reactor: Any, pool_size: int = 8) -> None:
@@ -112,6 +113,16 @@ class PostgresEngine(Engine):
         finally:
             if self.in_transaction(db):
                 db.execute("ROLLBACK")
+
+    def try_lock(self, db: psycopg.Connection[Any], key: int) -> bool:
+        """A session advisory lock: released by unlock, or by the server when the connection drops."""
+        row = db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        return bool(row and row[0])
+
+    def unlock(self, db: psycopg.Connection[Any], key: int) -> None:
+        """Release the session advisory lock (a broken connection has lost it already)."""
+        if not db.broken:
+            db.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     def start(self) -> None:
         """Reach the database and migrate it; raises CacheUnusable when it cannot be used."""

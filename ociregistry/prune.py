@@ -10,6 +10,11 @@ lock.  A client already streaming a file keeps its open descriptor (POSIX
 unlink leaves the bytes to open readers), downloads in progress live in
 ``tmp/`` where pruning never looks, and a request that finds a row but no file
 fetches the content again.
+
+With an index shared by several replicas, a blob a replica is downloading
+(under a live lease) is never removed, what was pulled in the last minutes
+is kept (see prune), and background pruning runs on one replica at a time
+(an advisory lock: a pass that finds it taken is skipped).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ _CHUNK = 1024 * 1024
 # A file no row names is left alone this long after it was written: a download
 # renames its file into place a moment before it records the row.
 SETTLE_SECONDS = 600.0
+# With an index shared by replicas, what was pulled or fetched this recently is
+# kept: another replica may be serving it (see prune).
+SHARED_GRACE_SECONDS = 600.0
 
 T = TypeVar("T")
 ToThread = Callable[..., "Deferred[Any]"]
@@ -123,13 +131,32 @@ def criteria_for(settings: PruneSettings, now: float) -> Criteria:
     )
 
 
-def prune(index: IndexConnection, store: BlobStore, criteria: Criteria, dry_run: bool = False) -> Removal:
-    """Remove the images the criteria select and the files nothing uses any more."""
-    chosen = criteria.select(index.cached_images())
+def prune(index: IndexConnection, store: BlobStore, criteria: Criteria, dry_run: bool = False,
+          grace: float | None = None) -> Removal:
+    """Remove the images the criteria select and the files nothing uses any more.
+
+    Images pulled and unused blobs recorded in the last ``grace`` seconds stay
+    (by default SHARED_GRACE_SECONDS on a shared index, none on an embedded
+    one), and so do blobs a replica is downloading.
+
+    Why a grace: on one node a client streaming a file holds it open, and an
+    unlink leaves its bytes to that reader.  Objects in shared storage have no
+    such thing: a replica serving a blob from the bucket (or a client
+    following a presigned redirect) holds no claim on it, and a delete makes
+    its next read, a resumed range too, a 404.  What a replica may be serving
+    is what clients pulled recently: a pull reads its manifest and then, within
+    moments, its blobs, and the pull times every replica records (batched
+    every few seconds) say when.  A blob fetched without a cached manifest is
+    judged by when it was recorded.
+    """
+    if grace is None:
+        grace = SHARED_GRACE_SECONDS if index.shared else 0.0
+    since = utc(index.seconds() - grace) if grace > 0 else None
+    chosen = [image for image in criteria.select(index.cached_images()) if since is None or image.pulled < since]
     if not dry_run:
-        return index.remove_images(chosen, fit=criteria.max_size, store=store)
+        return index.remove_images(chosen, fit=criteria.max_size, store=store, orphans_since=since)
     with index.trial() as trial:
-        return trial.remove_images(chosen, fit=criteria.max_size)
+        return trial.remove_images(chosen, fit=criteria.max_size, orphans_since=since)
 
 
 def describe_removal(removal: Removal, dry_run: bool) -> list[str]:
@@ -167,10 +194,18 @@ def log_removal(lines: list[str], what: str) -> None:
 async def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime,
                      to_thread: ToThread = inline) -> None:
     """One pass of background pruning, logged; its errors are logged and do not stop later passes."""
+    def alone(own: IndexConnection) -> list[str] | None:
+        with own.pruning_alone() as alone:
+            if not alone:
+                return None
+            return describe_removal(prune(own, store, criteria, settings.dry_run), settings.dry_run)
+
     try:
         criteria = criteria_for(settings, clock.seconds())
-        lines = await on_own_connection(index, to_thread, lambda own: describe_removal(
-            prune(own, store, criteria, settings.dry_run), settings.dry_run))
+        lines = await on_own_connection(index, to_thread, alone)
+        if lines is None:
+            log.info("Pruning ({type}) skipped: another replica is pruning the shared index", type=settings.type)
+            return
         log_removal(lines, f"Pruning ({settings.type})")
     except Exception:
         log.failure("Pruning pass failed")

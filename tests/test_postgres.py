@@ -13,7 +13,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.index import Index, IndexConnection, IndexUnavailable, Reference
+from ociregistry.index import Index, IndexConnection, IndexUnavailable, Reference, migrations, utc
 from ociregistry.postgres import PostgresEngine
 from ociregistry.store import CacheUnusable
 from ociregistry.tap import Options, build_config
@@ -68,7 +68,8 @@ class PostgresEngineTests(WorkspaceTestCase):
         engine = PostgresEngine(url, reactor)
         connection = engine.connect()
         self.addCleanup(connection.close)
-        self.assertEqual(connection.raw.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+        self.assertEqual(connection.raw.execute("SELECT version FROM schema_version").fetchall(),
+                         [(number,) for number, _ in migrations("postgres")])
 
     async def test_server_calls_run_on_threads(self) -> None:
         """The server's calls run off the reactor thread and answer through Deferreds; pull times are written."""
@@ -89,6 +90,8 @@ class PostgresEngineTests(WorkspaceTestCase):
         url = fresh_database(self)
         connection = PostgresEngine(url, reactor).connect()
         fill(connection)
+        # Pulled an hour ago: a prune on a shared index keeps what was pulled in the last minutes.
+        connection.set_times(MANIFEST, utc(reactor.seconds() - 3600), utc(reactor.seconds() - 3600))
         connection.close()
         config = self.path("config.yaml")
         with open(config, "w") as f:
