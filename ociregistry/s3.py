@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -273,6 +275,25 @@ class S3Store:
         except StoreFailing as e:
             raise StorageUnavailable(f"{self._where}: unreachable ({e.reason})") from None
         await self._ok(response, "list")
+        return f"{self._where}: reachable"
+
+    def check_bucket_now(self, timeout: float = 10.0) -> str:
+        """``check_bucket`` with one blocking request, for start-up before the reactor runs."""
+        url = self._url(None, {"max-keys": "0"})
+        request = AWSRequest(method="GET", url=url, headers={})
+        request.context["payload_sha256"] = _EMPTY_SHA256
+        _Signer(self._credentials, "s3", self.config.region).add_auth(request)
+        # Like treq, never through a proxy from the environment.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(urllib.request.Request(url, headers=dict(request.headers.items())),
+                             timeout=timeout) as answer:
+                answer.read()
+        except urllib.error.HTTPError as e:
+            raise self._refusal(e.code, e.read(), "list") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise StorageUnavailable(f"{self._where}: unreachable ({reason})") from None
         return f"{self._where}: reachable"
 
     async def create_bucket(self) -> None:
