@@ -362,6 +362,8 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
     if settings.storage is not None and index_url is None:
         raise usage.UsageError("storage.s3 needs the shared index (index.postgresql or --index-url): "
                                "the embedded sqlite index cannot be shared by replicas")
+    if settings.storage is not None and _choose(options["preload-images"], settings.preload_images, None):
+        raise usage.UsageError("preloadImages: loads files under the image path, not into storage.s3 (yet)")
     return ServerConfig(
         image_path=os.path.abspath(image_path),
         index_url=index_url,
