@@ -70,7 +70,7 @@ _INDEX_BUSY_SECONDS = 0.25
 _METRICS_REFRESH_SECONDS = 15.0
 _DISK_THREADS = 4
 # How often /health asks the shared bucket whether it answers.
-_BUCKET_CHECK_SECONDS = 10.0
+_BUCKET_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,28 @@ class ReplicaTests(WorkspaceTestCase):
         response = await web.client.get(f"{a.url}/health")
         self.assertEqual((response.code, json.loads(await response.content())), (200, {"status": "ok"}))
 
+    async def test_health_names_the_bucket(self) -> None:
+        """A bucket that goes away makes /health a 503 naming it; once it is back, /health is 200 again."""
+        a = await self.replica("a", [])
+        web = WebClient()
+        self.addCleanup(web.close)
+
+        async def health() -> tuple[int, Any]:
+            response = await web.client.get(f"{a.url}/health")
+            return response.code, json.loads(await response.content())
+
+        self.assertEqual(await health(), (200, {"status": "ok"}))
+        response = await self.s3._call("DELETE", None, what="delete bucket")
+        await response.content()
+        self.assertEqual(response.code, 204)
+        code, answer = await _until(health, lambda found: found[0] == 503)
+        self.assertEqual(code, 503)
+        self.assertEqual(answer["problem"], f"bucket {self.bucket} at {self.rgw.endpoint}: missing")
+        await self.s3.create_bucket()
+        self.assertEqual(await _until(health, lambda found: found[0] == 200), (200, {"status": "ok"}))
+        self.assertIn("The bucket is failing", a.log_text())
+        self.assertIn("The bucket answers again", a.log_text())
+
 
 async def _until(ask: Any, good: Any = lambda found: found is not None, limit: float = 20.0) -> Any:
     """Ask until the answer is good (or the time is up); the last answer."""
