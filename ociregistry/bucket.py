@@ -31,8 +31,6 @@ _LAG = 16 * MIB
 _SLICE = 1 * MIB
 # How long a redirect to the bucket stays valid: long enough to follow, short enough not to share.
 REDIRECT_SECONDS = 300
-# Uploads begun longer ago than this are what a crash left behind.
-STALE_UPLOAD_SECONDS = 3600.0
 
 
 class BucketBlob(RemoteBlob):
@@ -82,7 +80,11 @@ class BucketWriter:
         """Spool the bytes (readers see them at once); a Deferred while the upload is too far behind."""
         if self._failure is not None:
             self._failure.raiseException()
-        self._spool.write(data)
+        try:
+            self._spool.write(data)
+        except BaseException:
+            self.abort()
+            raise
         if self._pump is None:
             self._start()
         if self._room is None and self.size - self._uploaded > _LAG:
@@ -130,7 +132,7 @@ class BucketWriter:
                 if self._failure is not None:
                     self._failure.raiseException()
                 if self._pump is not None:
-                    await _observe(self._pump)
+                    await self._pump
                 elif self._uploaded < self.size:
                     self._start()
                 else:
@@ -156,19 +158,14 @@ class BucketWriter:
         self._spool.abort()
 
 
-def _observe(work: "Deferred[None]") -> "Deferred[None]":
-    """Wait for shared work without letting a cancelled waiter cancel the work itself."""
-    waiter: Deferred[None] = Deferred()
-    work.addBoth(lambda result: (waiter.callback(None) if not waiter.called else None, result)[1])
-    return waiter
-
-
 class BucketStore:
     """Verified content in a bucket, with a local spool under the image path for downloads in progress."""
 
-    def __init__(self, s3: S3Store, spool: BlobStore, redirect: bool = False) -> None:
+    def __init__(self, s3: S3Store, spool: BlobStore, redirect: bool = False,
+                 abandon_uploads_after: float = 3600.0) -> None:
         self.s3 = s3
         self.redirect = redirect
+        self._abandon_after = abandon_uploads_after
         self.root = spool.root
         self._spool = spool
         self._problem: str | None = None
@@ -197,9 +194,9 @@ class BucketStore:
         self._problem = None
 
     async def sweep(self) -> None:
-        """Abort the multipart uploads a crashed replica left behind (older than an hour)."""
+        """Abort the multipart uploads a crashed replica left behind (begun long enough ago)."""
         try:
-            swept = await self.s3.sweep_uploads(STALE_UPLOAD_SECONDS)
+            swept = await self.s3.sweep_uploads(self._abandon_after)
         except CancelledError:
             raise
         except StorageUnavailable as e:

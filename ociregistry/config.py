@@ -45,7 +45,8 @@ _PRUNE_KEYS = ("enabled", "type", "duration", "frequency", "count", "expr", "max
 _SERVER_TLS_KEYS = ("cert", "key", "ca", "clientAuth")
 _INDEX_KEYS = ("postgresql",)
 _STORAGE_KEYS = ("s3",)
-_S3_KEYS = ("endpoint", "bucket", "region", "accessKey", "secretKey", "secretKeyFromEnv", "prefix", "redirect")
+_S3_KEYS = ("endpoint", "bucket", "region", "accessKey", "secretKey", "secretKeyFromEnv", "prefix", "redirect",
+            "abandonUploadsAfter")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HTTP_URL = re.compile(r"https?://[^/\s?#]+/?")
 
@@ -194,6 +195,8 @@ class S3Settings:
     region: str = "us-east-1"
     prefix: str = ""
     redirect: bool = False
+    # Multipart uploads begun longer ago than this are a crashed replica's, aborted at start.
+    abandon_uploads_after: float = 3600.0
 
     def masked(self) -> S3Settings:
         """A copy whose secret key reads ``***``."""
@@ -613,6 +616,7 @@ class _Reader:
             region=_default(self.text(items.get("region")), "us-east-1"),
             prefix=_default(self.scalar(items.get("prefix")), ""),
             redirect=bool(self.boolean(items.get("redirect"))),
+            abandon_uploads_after=_default(self.duration(items.get("abandonUploadsAfter")), 3600.0),
         )
 
     def index_url(self, entry: _Entry | None) -> str | None:

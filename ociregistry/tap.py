@@ -494,12 +494,26 @@ def log_banner(config: ServerConfig, cache: Cache) -> None:
         "  started {started} as uid:gid {uid}:{gid}, pid {pid}\n"
         "  listening on {listen}; TLS: {tls}\n"
         "  image path {image_path}: {manifests} manifests, {blobs} blobs, {size} bytes\n"
+        "  content: {content}\n"
         "  command line: {command}",
         version=__version__, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), uid=os.getuid(), gid=os.getgid(),
         pid=os.getpid(), listen=", ".join([*config.listen, *(f"{d} (TLS)" for d in config.tls_listen)]),
         tls=tls, image_path=config.image_path, manifests=manifests, blobs=blobs, size=size,
-        command=" ".join(sys.argv),
+        content=_content(config), command=" ".join(sys.argv),
     )
+
+
+def _content(config: ServerConfig) -> str:
+    """Where manifests and blobs live, for the banner."""
+    storage = config.storage
+    if storage is None:
+        return "files under the image path"
+    shared = f"bucket {storage.bucket} at {storage.endpoint}"
+    if storage.prefix:
+        shared += f", keys under {storage.prefix}"
+    if storage.redirect:
+        shared += ", blob GETs redirected there"
+    return shared + f"; this replica is {config.advertise_url or 'not advertised'}"
 
 
 def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Cache, Index, int]:
@@ -562,7 +576,7 @@ def content_store(config: ServerConfig, files: BlobStore, reactor: Any) -> Conte
         log.info("{bucket}", bucket=s3.check_bucket_now())
     except StorageUnavailable as e:
         raise CacheUnusable(e.message) from None
-    return BucketStore(s3, files, settings.redirect)
+    return BucketStore(s3, files, settings.redirect, settings.abandon_uploads_after)
 
 
 def _warn_unindexed(index: Index, store: BlobStore, index_path: str) -> None:

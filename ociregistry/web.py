@@ -25,6 +25,7 @@ from zope.interface import implementer
 from ociregistry.allowlist import lookups_on_behalf_of
 from ociregistry.cache import Cache
 from ociregistry.content import BlobSource, RemoteBlob, StoredBlob
+from ociregistry.downloads import BlobDownload
 from ociregistry.errors import (
     Internal,
     InvalidParameter,
@@ -337,17 +338,16 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await self._cache.blob(where, digest)
-        self._source(request, where, "miss" if isinstance(source, BlobSource) and not isinstance(source, StoredBlob) else "hit")
+        self._source(request, where, "miss" if isinstance(source, BlobDownload) else "hit")
         size = source.size
-        if isinstance(source, RemoteBlob):
-            location = source.redirect()
-            if location is not None:
-                request.setResponseCode(307)
-                request.setHeader(b"Location", location.encode("ascii"))
-                for name in (b"Content-Type", b"Accept-Ranges"):
-                    request.responseHeaders.removeHeader(name)
-                _send_bytes(request, b"", b"application/octet-stream")
-                return
+        location = source.redirect() if isinstance(source, RemoteBlob) else None
+        if location is not None:
+            # The store serves the blob itself, Range and all, to whoever has the URL for a while.
+            request.setResponseCode(307)
+            request.setHeader(b"Location", location.encode("ascii"))
+            request.responseHeaders.removeHeader(b"Accept-Ranges")
+            _send_bytes(request, b"", b"application/octet-stream")
+            return
         header = request.getHeader(b"range")
         wanted = parse_range(header.decode("latin-1"), size) if header and size is not None else None
         if isinstance(wanted, RangeNotSatisfiable):

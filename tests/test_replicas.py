@@ -17,18 +17,20 @@ from ociregistry.s3 import S3Store, key_for
 from tests.fakes import Behaviour, FakeRegistry, listen
 from tests.postgres_service import fresh_database
 from tests.realparts import (
+    PROJECT_ROOT,
+    Server,
     WebClient,
     WorkspaceTestCase,
-    Server,
     build_oci_index,
     digest_of,
+    free_port,
     log_settled,
     push,
     skopeo_copy_all,
+    sleep,
     start_registry,
     start_server,
     twistd_command,
-    PROJECT_ROOT,
 )
 from tests.services import CephRGW, ceph_rgw
 from tests.test_integration import Puller
@@ -48,8 +50,7 @@ class ReplicaTests(WorkspaceTestCase):
         self.addCleanup(self.s3.close)
         await self.s3.create_bucket()
 
-    def replica_config(self, name: str, registries: list[dict[str, Any]], port: int,
-                       secret: str | None = None, **s3: Any) -> str:
+    def replica_config(self, name: str, registries: list[dict[str, Any]], port: int, **s3: Any) -> str:
         """The replicas' shared settings, with this replica's advertiseUrl."""
         path = self.path(f"config-{name}.yaml")
         with open(path, "w") as f:
@@ -66,7 +67,6 @@ class ReplicaTests(WorkspaceTestCase):
     async def replica(self, name: str, registries: list[dict[str, Any]], secret: str | None = None,
                       **s3: Any) -> Server:
         """Start one replica, with an image path of its own (its spool) and the shared settings."""
-        from tests.realparts import free_port
         port = free_port()
         config = self.replica_config(name, registries, port, **s3)
         return await start_server(self.path(f"spool-{name}"), test=self, port=port,
@@ -194,6 +194,33 @@ class ReplicaTests(WorkspaceTestCase):
         response = await web.client.get(f"{a.url}/health")
         self.assertEqual((response.code, json.loads(await response.content())), (200, {"status": "ok"}))
 
+    async def test_killed_mid_download_leaves_nothing_after_the_next_start(self) -> None:
+        """kill -9 while a blob uploads: no object, no row, and the next start aborts the upload left behind."""
+        fake = FakeRegistry()
+        blob = os.urandom(24 * MIB)
+        digest = digest_of(blob)
+        fake.blobs[digest] = blob
+        fake.behaviour[digest] = Behaviour(chunk=MIB, delay=0.1)
+        port, listening = await listen(fake)
+        self.addCleanup(listening.stopListening)
+        registries = [{"name": f"127.0.0.1:{port}", "scheme": "http"}]
+        a = await self.replica("a", registries, abandonUploadsAfter="1s")
+        web = WebClient()
+        self.addCleanup(web.close)
+        pulling = web.client.get(f"{a.url}/v2/app/blobs/{digest}?ns=127.0.0.1:{port}")
+        pulling.addErrback(lambda failure: None)
+        left = await _until(self.s3.uploads, lambda found: found != [])
+        self.assertEqual([upload.key for upload in left], [key_for(digest)])
+        await a.kill()
+        await sleep(1.2)   # the upload is now older than abandonUploadsAfter
+        self.assertEqual(len(await self.s3.uploads()), 1)
+        await a.start()
+        self.assertEqual(await _until(self.s3.uploads, lambda found: found == []), [])
+        self.assertIn("Aborted 1 multipart uploads left by crashed replicas", a.log_text())
+        self.assertIsNone(await self.s3.stat(key_for(digest)))
+        with psycopg.connect(self.database) as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM blobs WHERE digest = %s", (digest,)).fetchone(), (0,))
+
     async def test_health_names_the_bucket(self) -> None:
         """A bucket that goes away makes /health a 503 naming it; once it is back, /health is 200 again."""
         a = await self.replica("a", [])
@@ -219,7 +246,6 @@ class ReplicaTests(WorkspaceTestCase):
 
 async def _until(ask: Any, good: Any = lambda found: found is not None, limit: float = 20.0) -> Any:
     """Ask until the answer is good (or the time is up); the last answer."""
-    from tests.realparts import sleep
     deadline = time.monotonic() + limit
     while True:
         found = await ask()

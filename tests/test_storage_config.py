@@ -26,6 +26,7 @@ storage:
     secretKeyFromEnv: OCIREGISTRY_S3_SECRET
     prefix: "cache/"
     redirect: true
+    abandonUploadsAfter: 2h
 advertiseUrl: http://10.0.0.11:8080
 """
 
@@ -51,7 +52,7 @@ class StorageSettingsTests(SynchronousTestCase):
         """Every key of the issue's example is read, the secret from the environment."""
         settings = load_config_file(self.write(STORAGE), {"OCIREGISTRY_S3_SECRET": "s3cret"})
         self.assertEqual(settings.storage, S3Settings("http://rgw.internal:7480", "ociregistry", "OCIREG",
-                                                      "s3cret", "eu-west-1", "cache/", True))
+                                                      "s3cret", "eu-west-1", "cache/", True, 7200.0))
         self.assertEqual(settings.advertise_url, "http://10.0.0.11:8080")
         self.assertNotIn("s3cret", repr(settings.storage))
 
@@ -82,7 +83,7 @@ class StorageSettingsTests(SynchronousTestCase):
         """The shipped example configuration documents every storage key and advertiseUrl."""
         text = resources.files("ociregistry").joinpath("example-config.yaml").read_text("utf-8")
         for key in ("storage", "s3", "endpoint", "bucket", "region", "accessKey", "secretKeyFromEnv",
-                    "secretKey", "prefix", "redirect", "advertiseUrl"):
+                    "secretKey", "prefix", "redirect", "abandonUploadsAfter", "advertiseUrl"):
             self.assertIn(f"{key}:", text)
 
 
