@@ -47,7 +47,8 @@ _INDEX_KEYS = ("postgresql",)
 _STORAGE_KEYS = ("s3",)
 _S3_KEYS = ("endpoint", "bucket", "region", "accessKey", "secretKey", "secretKeyFromEnv", "prefix", "redirect",
             "abandonUploadsAfter")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# A bucket name as S3 (and Ceph RGW) accepts it.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HTTP_URL = re.compile(r"https?://[^/\s?#]+/?")
 
 _LOG_LEVELS = ("error", "warn", "info", "debug")
@@ -185,8 +186,8 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
-class S3Settings:
-    """Manifests and blobs in an S3-compatible bucket shared by replicas (``storage.s3``)."""
+class S3Config:
+    """Where the objects live and who we are there."""
 
     endpoint: str
     bucket: str
@@ -194,13 +195,20 @@ class S3Settings:
     secret_key: str = field(repr=False)
     region: str = "us-east-1"
     prefix: str = ""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Manifests and blobs in an S3-compatible bucket shared by replicas (``storage.s3``)."""
+
+    s3: S3Config
     redirect: bool = False
     # Multipart uploads begun longer ago than this are a crashed replica's, aborted at start.
     abandon_uploads_after: float = 3600.0
 
     def masked(self) -> S3Settings:
         """A copy whose secret key reads ``***``."""
-        return replace(self, secret_key=_MASK)
+        return replace(self, s3=replace(self.s3, secret_key=_MASK))
 
 
 @dataclass(frozen=True)
@@ -594,7 +602,7 @@ class _Reader:
             if self.text(items.get(key)) is None:
                 raise self.bad(s3, f"missing '{key}'")
         bucket = self.text(items["bucket"]) or ""
-        if not _BUCKET.fullmatch(bucket):
+        if not BUCKET_NAME.fullmatch(bucket):
             raise self.bad(items["bucket"], f"expected a bucket name (3 to 63 lowercase letters, digits, "
                                             f"dots and hyphens), got {_show(bucket)}")
         secret = self.text(items.get("secretKey"))
@@ -609,12 +617,14 @@ class _Reader:
         if secret is None:
             raise self.bad(s3, "missing 'secretKey' or 'secretKeyFromEnv'")
         return S3Settings(
-            endpoint=self.http_url(items["endpoint"]) or "",
-            bucket=bucket,
-            access_key=self.text(items["accessKey"]) or "",
-            secret_key=secret,
-            region=_default(self.text(items.get("region")), "us-east-1"),
-            prefix=_default(self.scalar(items.get("prefix")), ""),
+            S3Config(
+                endpoint=self.http_url(items["endpoint"]) or "",
+                bucket=bucket,
+                access_key=self.text(items["accessKey"]) or "",
+                secret_key=secret,
+                region=_default(self.text(items.get("region")), "us-east-1"),
+                prefix=_default(self.scalar(items.get("prefix")), ""),
+            ),
             redirect=bool(self.boolean(items.get("redirect"))),
             abandon_uploads_after=_default(self.duration(items.get("abandonUploadsAfter")), 3600.0),
         )

@@ -53,7 +53,7 @@ from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.site import ClientLimits, LimitedSite
 from ociregistry.bucket import BucketStore
 from ociregistry.content import ContentStore
-from ociregistry.s3 import S3Config, S3Store
+from ociregistry.s3 import S3Store
 from ociregistry.store import BlobStore, CacheUnusable
 from ociregistry.threads import WorkerThreads
 from ociregistry.tls import ServerTLS
@@ -508,9 +508,9 @@ def _content(config: ServerConfig) -> str:
     storage = config.storage
     if storage is None:
         return "files under the image path"
-    shared = f"bucket {storage.bucket} at {storage.endpoint}"
-    if storage.prefix:
-        shared += f", keys under {storage.prefix}"
+    shared = f"bucket {storage.s3.bucket} at {storage.s3.endpoint}"
+    if storage.s3.prefix:
+        shared += f", keys under {storage.s3.prefix}"
     if storage.redirect:
         shared += ", blob GETs redirected there"
     return shared + f"; this replica is {config.advertise_url or 'not advertised'}"
@@ -570,8 +570,7 @@ def content_store(config: ServerConfig, files: BlobStore, reactor: Any) -> Conte
     if config.storage is None:
         return files
     settings = config.storage
-    s3 = S3Store(S3Config(settings.endpoint, settings.bucket, settings.access_key, settings.secret_key,
-                          settings.region, settings.prefix), reactor=reactor)
+    s3 = S3Store(settings.s3, reactor=reactor)
     try:
         log.info("{bucket}", bucket=s3.check_bucket_now())
     except StorageUnavailable as e:

@@ -11,7 +11,7 @@ import yaml
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.config import ConfigError, S3Settings, load_config_file
+from ociregistry.config import ConfigError, S3Config, S3Settings, load_config_file
 from ociregistry.tap import Options
 
 STORAGE = """\
@@ -51,8 +51,9 @@ class StorageSettingsTests(SynchronousTestCase):
     def test_every_key(self) -> None:
         """Every key of the issue's example is read, the secret from the environment."""
         settings = load_config_file(self.write(STORAGE), {"OCIREGISTRY_S3_SECRET": "s3cret"})
-        self.assertEqual(settings.storage, S3Settings("http://rgw.internal:7480", "ociregistry", "OCIREG",
-                                                      "s3cret", "eu-west-1", "cache/", True, 7200.0))
+        self.assertEqual(settings.storage, S3Settings(
+            S3Config("http://rgw.internal:7480", "ociregistry", "OCIREG", "s3cret", "eu-west-1", "cache/"),
+            redirect=True, abandon_uploads_after=7200.0))
         self.assertEqual(settings.advertise_url, "http://10.0.0.11:8080")
         self.assertNotIn("s3cret", repr(settings.storage))
 
@@ -60,7 +61,7 @@ class StorageSettingsTests(SynchronousTestCase):
         """Region, prefix and redirect default; secretKey may be given inline."""
         settings = load_config_file(self.write(
             "storage:\n  s3: {endpoint: 'https://s3.example', bucket: abc, accessKey: A, secretKey: S}\n"), {})
-        self.assertEqual(settings.storage, S3Settings("https://s3.example", "abc", "A", "S"))
+        self.assertEqual(settings.storage, S3Settings(S3Config("https://s3.example", "abc", "A", "S")))
 
     def test_bad_settings(self) -> None:
         """Unknown keys are named with a suggestion; missing or wrong values say what is expected."""
@@ -110,7 +111,7 @@ class StorageOptionsTests(SynchronousTestCase):
         # The index URL on the command line is as good.
         options = Options()
         options.parseOptions(["--config-file", path, "--index-url", "postgresql://db/ociregistry"])
-        self.assertEqual(options.config.storage.bucket, "ociregistry")
+        self.assertEqual(options.config.storage.s3.bucket, "ociregistry")
 
     def test_print_config_masks_the_secret(self) -> None:
         """--print-config shows the storage settings with the secret masked."""
@@ -120,5 +121,6 @@ class StorageOptionsTests(SynchronousTestCase):
             Options().parseOptions(["--config-file", self.write(STORAGE), "--print-config"])
         shown = yaml.safe_load(out.getvalue())
         self.assertNotIn("s3cret", out.getvalue())
-        self.assertEqual(shown["storage"]["secret_key"], "***")
-        self.assertEqual((shown["storage"]["bucket"], shown["advertise_url"]), ("ociregistry", "http://10.0.0.11:8080"))
+        self.assertEqual(shown["storage"]["s3"]["secret_key"], "***")
+        self.assertEqual((shown["storage"]["s3"]["bucket"], shown["advertise_url"]),
+                         ("ociregistry", "http://10.0.0.11:8080"))
