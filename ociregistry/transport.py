@@ -244,6 +244,9 @@ class _BodyReader(Protocol):
         self._rate_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
         self._idle_timer = self._clock.callLater(self._idle, self._stalled)
         if self._min_rate > 0:
             self._rate_timer = self._clock.callLater(self._window, self._check_rate)
@@ -275,7 +278,7 @@ class _BodyReader(Protocol):
         if self.done.called:
             return
         self._in_window = 0
-        self.connectionMade()
+        self._arm()
         if self.transport is not None:
             cast(IPushProducer, self.transport).resumeProducing()
 

@@ -11,6 +11,7 @@ from typing import Any
 import treq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
@@ -117,16 +118,20 @@ class BodyReaderTests(SynchronousTestCase):
     """An upstream body waits while its sink is storing."""
 
     def test_paused_while_the_sink_waits(self) -> None:
-        """A sink's unfired Deferred pauses the transport; its firing resumes it."""
-        from twisted.internet.task import Clock
+        """A sink's unfired Deferred pauses the transport (its stall timer too); its firing resumes it."""
+        clock = Clock()
         room: Deferred[None] = Deferred()
-        reader = _BodyReader(lambda data: room, Clock(), 60.0, 0.0, 30.0, "upstream")
+        reader = _BodyReader(lambda data: room, clock, 60.0, 100.0, 30.0, "upstream")
         transport = StringTransport()
         reader.makeConnection(transport)
         reader.dataReceived(b"x")
         self.assertEqual(transport.producerState, "paused")
+        clock.advance(120)
+        self.assertNoResult(reader.done)
         room.callback(None)
         self.assertEqual(transport.producerState, "producing")
+        clock.advance(61)
+        self.failureResultOf(reader.done)
 
 
 class FailingBlob(RemoteBlob):
