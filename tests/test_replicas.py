@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import psycopg
+import treq
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
@@ -162,6 +163,36 @@ class ReplicaTests(WorkspaceTestCase):
         self.assertEqual(len(lines), 1, output)
         self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: wrong credentials", lines[0])
         self.assertNotIn("Traceback", output)
+
+    async def test_first_pull_streams_while_it_uploads(self) -> None:
+        """The first client gets bytes while the blob still downloads and uploads; the object appears once complete."""
+        fake = FakeRegistry()
+        blob = os.urandom(24 * MIB)
+        digest = digest_of(blob)
+        fake.blobs[digest] = blob
+        fake.behaviour[digest] = Behaviour(chunk=MIB, delay=0.08)
+        port, listening = await listen(fake)
+        self.addCleanup(listening.stopListening)
+        a = await self.replica("a", [{"name": f"127.0.0.1:{port}", "scheme": "http"}])
+        web = WebClient()
+        self.addCleanup(web.close)
+        started = time.monotonic()
+        response = await web.client.get(f"{a.url}/v2/app/blobs/{digest}?ns=127.0.0.1:{port}")
+        chunks: list[bytes] = []
+        first: list[float] = []
+
+        def received(data: bytes) -> None:
+            if not first:
+                first.append(time.monotonic() - started)
+            chunks.append(data)
+
+        await treq.collect(response, received)
+        elapsed = time.monotonic() - started
+        self.assertEqual(digest_of(b"".join(chunks)), digest)
+        self.assertGreater(elapsed, 1.5)
+        self.assertLess(first[0], elapsed / 3)
+        self.assertEqual(await _until(lambda: self.s3.stat(key_for(digest))), len(blob))
+        self.assertEqual(await self.s3.uploads(), [])
 
     async def test_broken_download_leaves_nothing_in_the_bucket(self) -> None:
         """A blob whose upstream breaks off midway leaves no object, no upload and no index row."""
