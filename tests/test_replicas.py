@@ -15,11 +15,12 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from ociregistry.s3 import S3Store, key_for
-from tests.fakes import Behaviour, FakeRegistry, listen
+from tests.fakes import Behaviour, FakeRegistry, listen, make_image
 from tests.postgres_service import fresh_database
 from tests.realparts import (
     PROJECT_ROOT,
     Server,
+    ThrottledRelay,
     WebClient,
     WorkspaceTestCase,
     build_oci_index,
@@ -251,6 +252,48 @@ class ReplicaTests(WorkspaceTestCase):
         self.assertIsNone(await self.s3.stat(key_for(digest)))
         with psycopg.connect(self.database) as db:
             self.assertEqual(db.execute("SELECT count(*) FROM blobs WHERE digest = %s", (digest,)).fetchone(), (0,))
+
+    async def test_bucket_lost_while_running(self) -> None:
+        """A replica whose bucket goes away serves hot manifests, answers blobs with a JSON 503, says so
+        on /health, and recovers by itself when the bucket is back."""
+        fake = FakeRegistry()
+        image = make_image(os.urandom(3000))
+        fake.add_image("app", "v1", image)
+        port, listening = await listen(fake)
+        self.addCleanup(listening.stopListening)
+        relay = ThrottledRelay(("127.0.0.1", int(self.rgw.endpoint.rpartition(":")[2])), None)
+        self.addCleanup(relay.stop)
+        relay_port = free_port("127.0.22.3")
+        await relay.start("127.0.22.3", relay_port)
+        endpoint = f"http://127.0.22.3:{relay_port}"
+        a = await self.replica("a", [{"name": f"127.0.0.1:{port}", "scheme": "http"}], endpoint=endpoint)
+        web = WebClient()
+        self.addCleanup(web.close)
+        base = f"{a.url}/v2/app"
+        ns = f"?ns=127.0.0.1:{port}"
+        response = await web.client.get(f"{base}/manifests/v1{ns}")
+        self.assertEqual(await response.content(), image.manifest)
+        layer = digest_of(image.layers[0])
+        await _until(lambda: self.s3.stat(key_for(layer)))
+        await listening.stopListening()
+        await relay.stop()
+
+        response = await web.client.get(f"{base}/manifests/{image.digest}{ns}")
+        self.assertEqual((response.code, await response.content()), (200, image.manifest))
+        response = await web.client.get(f"{base}/blobs/{layer}{ns}")
+        answer = json.loads(await response.content())
+        self.assertEqual((response.code, answer["errors"][0]["code"]), (503, "UNAVAILABLE"))
+
+        async def health() -> tuple[int, Any]:
+            response = await web.client.get(f"{a.url}/health")
+            return response.code, json.loads(await response.content())
+
+        code, answer = await _until(health, lambda found: found[0] == 503)
+        self.assertTrue(answer["problem"].startswith(f"bucket {self.bucket} at {endpoint}: unreachable"), answer)
+        await relay.start("127.0.22.3", relay_port)
+        response = await web.client.get(f"{base}/blobs/{layer}{ns}")
+        self.assertEqual((response.code, await response.content()), (200, image.layers[0]))
+        self.assertEqual(await _until(health, lambda found: found[0] == 200), (200, {"status": "ok"}))
 
     async def test_health_names_the_bucket(self) -> None:
         """A bucket that goes away makes /health a 503 naming it; once it is back, /health is 200 again."""
