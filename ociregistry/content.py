@@ -45,6 +45,8 @@ class BlobSource:
 class StoredBlob(BlobSource):
     """A verified blob on disk, opened already: a prune cannot take it away any more."""
 
+    size: int
+
     def __init__(self, digest: str, size: int, fd: int) -> None:
         self.digest = digest
         self.size = size
@@ -61,7 +63,6 @@ class StoredBlob(BlobSource):
             self._fd = None
 
     def available(self) -> int:
-        assert self.size is not None
         return self.size
 
     def wait_for(self, offset: int) -> "Deferred[None]":
@@ -99,7 +100,10 @@ class ContentWriter(Protocol):
 
     digest: str
     path: str
-    size: int
+
+    @property
+    def size(self) -> int:
+        """How many bytes were written so far."""
 
     def write(self, data: bytes) -> "Deferred[None] | None":
         """Append bytes; a Deferred means "wait for it before writing more" (backpressure)."""
