@@ -150,6 +150,9 @@ class ReplicaTests(WorkspaceTestCase):
         self.assertEqual(digest_of(await response.content()), digest)
         pulled = await skopeo_copy_all(f"{b.host}/{registry.host}/team/app:v1", self.path("via-b"))
         self.assertEqual((pulled.digest, pulled.manifests, pulled.blobs), (image.digest, image.manifests, image.blobs))
+        await log_settled(b.log_path)
+        redirected = [line for line in b.log_text().splitlines() if "/blobs/" in line and " 307 " in line]
+        self.assertEqual(len(redirected), 1 + len(image.blobs), "\n".join(redirected))
 
     async def test_wrong_secret_exits_with_one_line(self) -> None:
         """A replica whose S3 secret is wrong says so in one line and exits non-zero."""
