@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, Hashable, NamedTuple, TypeVar
@@ -19,7 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ociregistry.downloads import BlobSource, Downloads, StoredBlob
+from ociregistry.content import BlobSource, ContentStore, RemoteBlob
+from ociregistry.downloads import Downloads
 from ociregistry.errors import (
     DigestMismatch, InvalidDigest, ManifestUnknown, NotFound, OCIError, Transient, blob_unknown, manifest_unknown,
     name_unknown,
@@ -29,7 +29,6 @@ from ociregistry.grammar import check_digest, is_digest
 from ociregistry.index import Index, IndexConnection, ManifestRecord, utc
 from ociregistry.inflight import InFlight
 from ociregistry.manifests import IMAGE_TYPES, describe
-from ociregistry.store import BlobStore
 from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
@@ -125,7 +124,7 @@ class Cache:
     def __init__(
         self,
         index: Index,
-        store: BlobStore,
+        store: ContentStore,
         upstream: Upstream,
         downloads: Downloads,
         clock: IReactorTime,
@@ -142,6 +141,11 @@ class Cache:
         self._blob_heads: InFlight[tuple[str, str], int | None] = InFlight()
         self._stale: Marks[tuple[str, str, str]] = Marks(_STALE_MARKS)
         self._contents = ContentCache(_MANIFEST_MEMORY)
+
+    @property
+    def store(self) -> ContentStore:
+        """Where the verified content lives."""
+        return self._store
 
     async def close(self) -> None:
         """Abandon downloads, close upstream connections, record pull times and close the index."""
@@ -246,7 +250,7 @@ class Cache:
             return None
         content = self._contents.get(record.digest)
         if content is None:
-            content = self._store.read(record.digest)
+            content = await self._store.read_manifest(record.digest)
             if content is None or len(content) != record.size:
                 log.warn("Cached manifest {digest} is missing on disk; fetching it again", digest=record.digest)
                 await self._index.forget_manifest(record.digest)
@@ -286,8 +290,14 @@ class Cache:
 
         if await self._index.manifest(digest) is None:
             writer = self._store.begin(digest)
-            writer.write(content)
-            record = await self._index.record_file(self._store, writer, row)
+            room = writer.write(content)
+            if room is not None:
+                await room
+            try:
+                record = await self._index.record_file(self._store, writer, row)
+            finally:
+                # Nobody reads a manifest while it is written: what readers would use can go.
+                writer.release()
         else:
             record = await row()
         if media_type in IMAGE_TYPES:
@@ -295,22 +305,20 @@ class Cache:
         self._contents.put(digest, content)
         return Manifest(record, content, "miss")
 
-    async def _stored_blob(self, digest: str) -> StoredBlob | None:
+    async def _stored_blob(self, digest: str) -> BlobSource | RemoteBlob | None:
         size = await self._index.blob_size(digest)
         if size is None:
             manifest = await self._index.manifest(digest)
             if manifest is None:
                 return None
             size = manifest.size
-        try:
-            fd = os.open(self._store.path_for(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            log.warn("Cached blob {digest} is missing on disk; fetching it again", digest=digest)
+        stored = await self._store.open_blob(digest, size)
+        if stored is None:
+            log.warn("Cached blob {digest} is missing in the store; fetching it again", digest=digest)
             await self._index.forget_blob(digest)
-            return None
-        return StoredBlob(digest, size, fd)
+        return stored
 
-    async def blob(self, where: Where, digest: str) -> BlobSource:
+    async def blob(self, where: Where, digest: str) -> BlobSource | RemoteBlob:
         """A blob to stream: on disk, or a download (joined or started) that has begun."""
         stored = await self._stored_blob(digest)
         if stored is not None:

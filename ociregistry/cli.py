@@ -69,6 +69,13 @@ def _image_path(args: argparse.Namespace) -> str:
     return os.path.abspath(args.image_path or _settings(args).image_path or DEFAULT_IMAGE_PATH)
 
 
+def _files_only(args: argparse.Namespace, command: str) -> None:
+    """Refuse a command that reads or writes files under the image path when content is in a bucket."""
+    if getattr(args, "config_file", None) and _settings(args).storage is not None:
+        raise CommandError(f"{command} works on files under the image path; with storage.s3 the content "
+                           "is in the bucket, which it does not handle yet")
+
+
 def _index(args: argparse.Namespace, writable: bool) -> IndexConnection:
     from twisted.internet import reactor
 
@@ -152,6 +159,7 @@ class Progress:
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Fill the cache from image lists and tarballs."""
+    _files_only(args, "load")
     options = Options()
     options.update({"image-path": args.image_path, "index-url": args.index_url, "default-ns": args.default_ns,
                     "pull-timeout": args.pull_timeout})
@@ -187,6 +195,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_import_go_cache(args: argparse.Namespace) -> int:
     """Import the Go server's image store."""
+    _files_only(args, "import-go-cache")
     if not os.path.isdir(args.source):
         raise CommandError(f"--from {args.source}: no such directory")
     image_path = _image_path(args)
@@ -276,6 +285,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify every file against its digest; with --repair, remove what is corrupt."""
+    _files_only(args, "check")
     index = _index(args, writable=args.repair)
     try:
         problems = check(index, removal_store(_image_path(args)), args.repair)

@@ -7,7 +7,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import NamedTuple, TypeVar
 
@@ -27,7 +27,8 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TOP_KEYS = (
     "imagePath", "logLevel", "logFile", "port", "host", "os", "arch", "pullTimeout", "health",
     "metrics", "alwaysPullLatest", "airGapped", "defaultNs", "preloadImages", "registries",
-    "pruneConfig", "serverTlsConfig", "allowUpstreams", "manifestInvalidation", "index",
+    "pruneConfig", "serverTlsConfig", "allowUpstreams", "manifestInvalidation", "index", "storage",
+    "advertiseUrl",
     # Written by the Go server's documented examples; accepted so those files load unchanged.
     "imageFile", "helloWorld", "listConfig", "configFile",
 )
@@ -43,6 +44,12 @@ _TLS_KEYS = ("ca", "cert", "key", "insecureSkipVerify")
 _PRUNE_KEYS = ("enabled", "type", "duration", "frequency", "count", "expr", "maxSize", "dryRun")
 _SERVER_TLS_KEYS = ("cert", "key", "ca", "clientAuth")
 _INDEX_KEYS = ("postgresql",)
+_STORAGE_KEYS = ("s3",)
+_S3_KEYS = ("endpoint", "bucket", "region", "accessKey", "secretKey", "secretKeyFromEnv", "prefix", "redirect",
+            "abandonUploadsAfter")
+# A bucket name as S3 (and Ceph RGW) accepts it.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_HTTP_URL = re.compile(r"https?://[^/\s?#]+/?")
 
 _LOG_LEVELS = ("error", "warn", "info", "debug")
 _PRUNE_TYPES = ("accessed", "created", "pattern", "size")
@@ -179,6 +186,32 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """Where the objects live and who we are there."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str = "us-east-1"
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Manifests and blobs in an S3-compatible bucket shared by replicas (``storage.s3``)."""
+
+    s3: S3Config
+    redirect: bool = False
+    # Multipart uploads begun longer ago than this are a crashed replica's, aborted at start.
+    abandon_uploads_after: float = 3600.0
+
+    def masked(self) -> S3Settings:
+        """A copy whose secret key reads ``***``."""
+        return replace(self, s3=replace(self.s3, secret_key=_MASK))
+
+
+@dataclass(frozen=True)
 class PruneSettings:
     """Background pruning of the cache (``pruneConfig``)."""
 
@@ -226,6 +259,8 @@ class FileSettings:
     allow_upstreams: tuple[str, ...] | None = None
     manifest_ttl: float | None = None
     index_url: str | None = None
+    storage: S3Settings | None = None
+    advertise_url: str | None = None
 
 
 def load_config_file(path: str, environ: Mapping[str, str] = os.environ) -> FileSettings:
@@ -542,6 +577,56 @@ class _Reader:
             allow_upstreams=self.patterns(items.get("allowUpstreams")),
             manifest_ttl=self.duration(items.get("manifestInvalidation"), never=True),
             index_url=self.index_url(items.get("index")),
+            storage=self.storage(items.get("storage")),
+            advertise_url=self.http_url(items.get("advertiseUrl")),
+        )
+
+    def http_url(self, entry: _Entry | None) -> str | None:
+        """An http:// or https:// URL of a host[:port] (no path), without its trailing slash."""
+        url = self.text(entry)
+        if url is None or entry is None:
+            return None
+        if not _HTTP_URL.fullmatch(url):
+            raise self.bad(entry, f"expected a URL like http://10.0.0.11:8080, got {_show(url)}")
+        return url.rstrip("/")
+
+    def storage(self, entry: _Entry | None) -> S3Settings | None:
+        """``storage.s3``: the shared bucket; None keeps the files under the image path."""
+        if entry is None or _is_null(entry.node):
+            return None
+        s3 = self.mapping(entry, _STORAGE_KEYS).get("s3")
+        if s3 is None or _is_null(s3.node):
+            raise self.bad(entry, "expected 's3' with the bucket's settings")
+        items = self.mapping(s3, _S3_KEYS)
+        for key in ("endpoint", "bucket", "accessKey"):
+            if self.text(items.get(key)) is None:
+                raise self.bad(s3, f"missing '{key}'")
+        bucket = self.text(items["bucket"]) or ""
+        if not BUCKET_NAME.fullmatch(bucket):
+            raise self.bad(items["bucket"], f"expected a bucket name (3 to 63 lowercase letters, digits, "
+                                            f"dots and hyphens), got {_show(bucket)}")
+        secret = self.text(items.get("secretKey"))
+        from_env = items.get("secretKeyFromEnv")
+        variable = self.text(from_env)
+        if variable is not None and from_env is not None:
+            if secret is not None:
+                raise self.bad(from_env, "give either secretKey or secretKeyFromEnv, not both")
+            secret = self.environ.get(variable)
+            if not secret:
+                raise self.bad(from_env, f"environment variable {variable} is {'empty' if secret == '' else 'not set'}")
+        if secret is None:
+            raise self.bad(s3, "missing 'secretKey' or 'secretKeyFromEnv'")
+        return S3Settings(
+            S3Config(
+                endpoint=self.http_url(items["endpoint"]) or "",
+                bucket=bucket,
+                access_key=self.text(items["accessKey"]) or "",
+                secret_key=secret,
+                region=_default(self.text(items.get("region")), "us-east-1"),
+                prefix=_default(self.scalar(items.get("prefix")), ""),
+            ),
+            redirect=bool(self.boolean(items.get("redirect"))),
+            abandon_uploads_after=_default(self.duration(items.get("abandonUploadsAfter")), 3600.0),
         )
 
     def index_url(self, entry: _Entry | None) -> str | None:

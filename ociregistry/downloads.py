@@ -17,75 +17,27 @@ client never sees a clean end to bytes that turn out wrong.
 from __future__ import annotations
 
 import os
+
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ociregistry.content import BlobSource, ContentStore, ContentWriter
 from ociregistry.errors import DigestMismatch as WrongContent
 from ociregistry.errors import OCIError, ServiceUnavailable, Unavailable, blob_unknown
 from ociregistry.index import Index
 from ociregistry.inflight import Observable
 from ociregistry.metrics import Metrics
-from ociregistry.store import BlobStore, DigestMismatch, SizeExceeded, Writer
+from ociregistry.store import DigestMismatch, SizeExceeded
 from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
 
 
-class BlobSource:
-    """What a response reads a blob from: a complete file, or a download in progress."""
-
-    size: int | None
-    digest: str
-
-    def open(self) -> int:
-        """A read-only descriptor for the bytes (positional reads only)."""
-        raise NotImplementedError
-
-    def available(self) -> int:
-        """How many bytes from the start may be sent now."""
-        raise NotImplementedError
-
-    def wait_for(self, offset: int) -> "Deferred[None]":
-        """Fires when more than ``offset`` bytes are available, or the blob is complete.
-
-        Fails if the download fails.
-        """
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release what ``open`` would have handed over, when nothing is sent."""
-
-
-class StoredBlob(BlobSource):
-    """A verified blob on disk, opened already: a prune cannot take it away any more."""
-
-    def __init__(self, digest: str, size: int, fd: int) -> None:
-        self.digest = digest
-        self.size = size
-        self._fd: int | None = fd
-
-    def open(self) -> int:
-        fd, self._fd = self._fd, None
-        assert fd is not None, "a stored blob is sent once"
-        return fd
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def available(self) -> int:
-        return self.size
-
-    def wait_for(self, offset: int) -> "Deferred[None]":
-        return succeed(None)
-
-
 class BlobDownload(BlobSource):
     """A blob being fetched from upstream into a temporary file."""
 
-    def __init__(self, digest: str, writer: Writer) -> None:
+    def __init__(self, digest: str, writer: ContentWriter) -> None:
         self.digest = digest
         self.size = None
         self._writer = writer
@@ -119,19 +71,20 @@ class BlobDownload(BlobSource):
         self.size = size
         self.started.fire(None)
 
-    def write(self, data: bytes) -> None:
-        """Store more bytes and wake the readers waiting for them."""
+    def write(self, data: bytes) -> "Deferred[None] | None":
+        """Store more bytes and wake the readers waiting for them; a Deferred says "pause until it fires"."""
         if self.size is not None and self._writer.size + len(data) > self.size:
             raise SizeExceeded(f"upstream sent more than {self.size} bytes for {self.digest}")
-        self._writer.write(data)
+        room = self._writer.write(data)
         available = self.available()
         ready = [w for w in self._waiters if w[0] < available]
         if ready:
             self._waiters = [w for w in self._waiters if w[0] >= available]
             for _, waiter in ready:
                 waiter.callback(None)
+        return room
 
-    async def commit(self, index: Index, store: BlobStore) -> int:
+    async def commit(self, index: Index, store: ContentStore) -> int:
         """Verify, store and record; readers may then send the last byte."""
         if self.size is not None and self._writer.size != self.size:
             raise Unavailable(f"upstream ended {self.digest} early")
@@ -140,6 +93,10 @@ class BlobDownload(BlobSource):
         self.size = self._writer.size
         self._wake(None)
         return self.size
+
+    def release(self) -> None:
+        """No new reader can join now: what only readers used may go (readers keep their descriptors)."""
+        self._writer.release()
 
     def fail(self, failure: Failure) -> None:
         """Abandon the download; every reader and waiter gets the failure."""
@@ -170,7 +127,7 @@ class Downloads:
 
     def __init__(
         self,
-        store: BlobStore,
+        store: ContentStore,
         index: Index,
         upstream: Upstream,
         metrics: Metrics,
@@ -198,6 +155,7 @@ class Downloads:
         key = (registry, digest)
         download = self._running.get(key)
         if download is None:
+            # Here a download is about to start: the one place to ask whether another node has it.
             download = BlobDownload(digest, self._store.begin(digest))
             self._running[key] = download
             task = Deferred.fromCoroutine(self._run(download, registry, repository))
@@ -254,9 +212,9 @@ class Downloads:
             download.begin(length if isinstance(length, int) else None)
             fetched = self._metrics.bytes_fetched.labels(registry)
 
-            def write(data: bytes) -> None:
-                download.write(data)
+            def write(data: bytes) -> "Deferred[None] | None":
                 fetched.inc(len(data))
+                return download.write(data)
 
             await self._upstream.read_body(response, write, registry)
             # If another registry's download of this digest committed first, this commit
@@ -283,5 +241,7 @@ class Downloads:
         self._tasks.pop(key, None)
         if result is not None:
             download.fail(result)
+        else:
+            download.release()
         download.finished.fire(result)
 

@@ -33,8 +33,10 @@ from twisted.python.failure import Failure
 
 from ociregistry.errors import OCIError, ServiceUnavailable
 
+from ociregistry.store import BlobStore
+
 if TYPE_CHECKING:
-    from ociregistry.store import BlobStore, Writer
+    from ociregistry.content import ContentStore, ContentWriter
 
 log = Logger()
 
@@ -266,7 +268,7 @@ class Index:
         """Add a verified, stored blob."""
         return self.engine.short(IndexConnection.record_blob, digest, size)
 
-    async def record_file(self, store: BlobStore, writer: Writer, record: Callable[[], "Deferred[T]"]) -> T:
+    async def record_file(self, store: ContentStore, writer: ContentWriter, record: Callable[[], "Deferred[T]"]) -> T:
         """Rename a verified file into place, then write the row that names it (``record``).
 
         When the row cannot be written (the disk is full, the index unreachable)
@@ -280,7 +282,8 @@ class Index:
             # The row may be written yet: a file too many is swept by ``check --repair``.
             raise
         except Exception as e:
-            if writer.identity is not None:
+            # Only files can be told apart by identity (see ContentWriter.identity).
+            if writer.identity is not None and isinstance(store, BlobStore):
                 try:
                     await self.engine.short(IndexConnection.remove_unnamed, store, writer.digest, writer.identity)
                 except CancelledError:

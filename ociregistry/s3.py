@@ -16,10 +16,11 @@ silence) are retried a bounded number of times, then raised as
 from __future__ import annotations
 
 import hashlib
-import re
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +42,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from ociregistry.bodies import BytesBody, Collector, Relay, discard
+from ociregistry.config import BUCKET_NAME, S3Config
 from ociregistry.errors import RangeNotSatisfiable, StorageUnavailable
 from ociregistry.store import DigestMismatch, SizeExceeded
 
@@ -51,7 +53,6 @@ MIB = 1024 * 1024
 MINIMUM_PART = 5 * MIB
 PART_SIZE = 8 * MIB
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Answers that say "try again": the store is overloaded or failing for now.
 _RETRIED = frozenset({500, 502, 503, 504})
@@ -61,18 +62,6 @@ _NETWORK = (ConnectError, DNSLookupError, TimeoutError, ConnectionLost, Response
 _CREDENTIALS = {"InvalidAccessKeyId": "wrong credentials (unknown access key)",
                 "SignatureDoesNotMatch": "wrong credentials (the secret key does not match)",
                 "AccessDenied": "wrong credentials (access denied)"}
-
-
-@dataclass(frozen=True)
-class S3Config:
-    """Where the objects live and who we are there."""
-
-    endpoint: str
-    bucket: str
-    access_key: str
-    secret_key: str = field(repr=False)
-    region: str = "us-east-1"
-    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,7 +140,7 @@ class S3Store:
                  part_size: int = PART_SIZE) -> None:
         if part_size < MINIMUM_PART:
             raise ValueError(f"S3 parts must be at least {MINIMUM_PART} bytes")
-        if not _BUCKET.fullmatch(config.bucket):
+        if not BUCKET_NAME.fullmatch(config.bucket):
             # Ceph RGW, like AWS, refuses names shorter than 3 characters.
             raise ValueError(f"{config.bucket!r} is not a bucket name: 3 to 63 lowercase letters, "
                              "digits, dots and hyphens, starting and ending with a letter or digit")
@@ -274,6 +263,25 @@ class S3Store:
         except StoreFailing as e:
             raise StorageUnavailable(f"{self._where}: unreachable ({e.reason})") from None
         await self._ok(response, "list")
+        return f"{self._where}: reachable"
+
+    def check_bucket_now(self, timeout: float = 10.0) -> str:
+        """``check_bucket`` with one blocking request, for start-up before the reactor runs."""
+        url = self._url(None, {"max-keys": "0"})
+        request = AWSRequest(method="GET", url=url, headers={})
+        request.context["payload_sha256"] = _EMPTY_SHA256
+        _Signer(self._credentials, "s3", self.config.region).add_auth(request)
+        # Like treq, never through a proxy from the environment.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(urllib.request.Request(url, headers=dict(request.headers.items())),
+                             timeout=timeout) as answer:
+                answer.read()
+        except urllib.error.HTTPError as e:
+            raise self._refusal(e.code, e.read(), "list") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise StorageUnavailable(f"{self._where}: unreachable ({reason})") from None
         return f"{self._where}: reachable"
 
     async def create_bucket(self) -> None:

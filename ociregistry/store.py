@@ -20,6 +20,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from ociregistry.content import StoredBlob
 from ociregistry.errors import InsufficientStorage
 
 log = Logger()
@@ -143,6 +144,18 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
+    async def read_manifest(self, digest: str) -> bytes | None:
+        """The whole content of a stored manifest, or None."""
+        return self.read(digest)
+
+    async def open_blob(self, digest: str, size: int) -> StoredBlob | None:
+        """The stored file of a digest, opened now (so that a prune cannot take it away), or None."""
+        try:
+            fd = os.open(self.path_for(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        return StoredBlob(digest, size, fd)
+
     def begin(self, digest: str, limit: int | None = None) -> Writer:
         """Start writing content that must hash to ``digest``; StorageFull when the disk is full."""
         why = self.full()
@@ -247,6 +260,9 @@ class Writer:
         self.path = final
         await self._store._defer_to_thread(_sync_directory, directory)
         return final
+
+    def release(self) -> None:
+        """Nothing to drop: the committed file is what readers read."""
 
     def abort(self) -> None:
         """Discard the temporary file."""

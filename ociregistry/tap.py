@@ -34,6 +34,7 @@ from ociregistry.config import (
     FileSettings,
     PruneSettings,
     RegistrySettings,
+    S3Settings,
     ServerTLSSettings,
     api_host,
     load_config_file,
@@ -42,7 +43,7 @@ from ociregistry.config import (
 )
 from ociregistry.credentials import CREDENTIALS_VARIABLE, RUST_CREDENTIALS_VARIABLE, credentials_from_environment
 from ociregistry.downloads import Downloads
-from ociregistry.errors import OCIError
+from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.grammar import canonical_registry
 from ociregistry.index import Index, index_engine, masked_url
 from ociregistry.load import host_platform, make_preload_service
@@ -50,6 +51,9 @@ from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.prune import make_prune_service, unindexed
 from ociregistry.site import ClientLimits, LimitedSite
+from ociregistry.bucket import BucketStore
+from ociregistry.content import ContentStore
+from ociregistry.s3 import S3Store
 from ociregistry.store import BlobStore, CacheUnusable
 from ociregistry.threads import WorkerThreads
 from ociregistry.tls import ServerTLS
@@ -65,6 +69,8 @@ _PULL_FLUSH_SECONDS = 10.0
 _INDEX_BUSY_SECONDS = 0.25
 _METRICS_REFRESH_SECONDS = 15.0
 _DISK_THREADS = 4
+# How often /health asks the shared bucket whether it answers.
+_BUCKET_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,10 @@ class ServerConfig:
     client_max_connections: int = 256
     # The shared index in PostgreSQL (index.postgresql); None: index.db under the image path.
     index_url: str | None = None
+    # Manifests and blobs in a bucket shared by replicas (storage.s3); None: files under the image path.
+    storage: S3Settings | None = None
+    # How the other replicas reach this one (advertiseUrl).
+    advertise_url: str | None = None
 
     def client_limits(self) -> ClientLimits:
         """What each client connection may take."""
@@ -121,6 +131,7 @@ class ServerConfig:
         shown["tls_listen"] = list(self.tls_listen)
         shown["admin_token"] = None if self.admin_token is None else "***"
         shown["index_url"] = None if self.index_url is None else masked_url(self.index_url)
+        shown["storage"] = None if self.storage is None else asdict(self.storage.masked())
         return shown
 
 
@@ -347,9 +358,17 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         raise usage.UsageError(f"--log-level: one of {', '.join(LEVELS)}, not {log_level!r}")
     if options["log-format"] not in ("text", "json"):
         raise usage.UsageError(f"--log-format: text or json, not {options['log-format']!r}")
+    index_url = _choose(options["index-url"], settings.index_url, None)
+    if settings.storage is not None and index_url is None:
+        raise usage.UsageError("storage.s3 needs the shared index (index.postgresql or --index-url): "
+                               "the embedded sqlite index cannot be shared by replicas")
+    if settings.storage is not None and _choose(options["preload-images"], settings.preload_images, None):
+        raise usage.UsageError("preloadImages: loads files under the image path, not into storage.s3 (yet)")
     return ServerConfig(
         image_path=os.path.abspath(image_path),
-        index_url=_choose(options["index-url"], settings.index_url, None),
+        index_url=index_url,
+        storage=settings.storage,
+        advertise_url=settings.advertise_url,
         tls_listen=tls_listen,
         server_tls=server_tls,
         health_listen=None if health is None else _tcp("--health", health, host),
@@ -475,12 +494,26 @@ def log_banner(config: ServerConfig, cache: Cache) -> None:
         "  started {started} as uid:gid {uid}:{gid}, pid {pid}\n"
         "  listening on {listen}; TLS: {tls}\n"
         "  image path {image_path}: {manifests} manifests, {blobs} blobs, {size} bytes\n"
+        "  content: {content}\n"
         "  command line: {command}",
         version=__version__, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), uid=os.getuid(), gid=os.getgid(),
         pid=os.getpid(), listen=", ".join([*config.listen, *(f"{d} (TLS)" for d in config.tls_listen)]),
         tls=tls, image_path=config.image_path, manifests=manifests, blobs=blobs, size=size,
-        command=" ".join(sys.argv),
+        content=_content(config), command=" ".join(sys.argv),
     )
+
+
+def _content(config: ServerConfig) -> str:
+    """Where manifests and blobs live, for the banner."""
+    storage = config.storage
+    if storage is None:
+        return "files under the image path"
+    shared = f"bucket {storage.s3.bucket} at {storage.s3.endpoint}"
+    if storage.s3.prefix:
+        shared += f", keys under {storage.s3.prefix}"
+    if storage.redirect:
+        shared += ", blob GETs redirected there"
+    return shared + f"; this replica is {config.advertise_url or 'not advertised'}"
 
 
 def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Cache, Index, int]:
@@ -496,12 +529,12 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     # name lookups chosen by clients must never delay a commit's fsync, nor the reverse.
     disk = WorkerThreads(reactor, "disk", _DISK_THREADS)
     names = WorkerThreads(reactor, "dns", config.dns_threads)
-    store = BlobStore(config.image_path, disk.run)
+    store = content_store(config, BlobStore(config.image_path, disk.run), reactor)
     swept = store.prepare()
     index_path = os.path.join(config.image_path, "index.db")
     new_index = config.index_url is None and not os.path.exists(index_path)
     index = Index(index_engine(config.index_url, index_path, reactor, busy_timeout=_INDEX_BUSY_SECONDS))
-    if new_index:
+    if new_index and isinstance(store, BlobStore):
         _warn_unindexed(index, store, index_path)
     registries = [host_of(host) for host in [api_host(config.default_ns), *(r.api_host for r in config.registries)]]
     lookups = HostLookups(reactor, names.run, threads=names.size, preferred=registries,
@@ -530,6 +563,19 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     metrics.track_downloads(lambda: len(downloads))
     cache = Cache(index, store, upstream, downloads, reactor, freshness)
     return cache, index, swept
+
+
+def content_store(config: ServerConfig, files: BlobStore, reactor: Any) -> ContentStore:
+    """The files under the image path, or the shared bucket (checked now) with its spool there."""
+    if config.storage is None:
+        return files
+    settings = config.storage
+    s3 = S3Store(settings.s3, reactor=reactor)
+    try:
+        log.info("{bucket}", bucket=s3.check_bucket_now())
+    except StorageUnavailable as e:
+        raise CacheUnusable(e.message) from None
+    return BucketStore(s3, files, settings.redirect, settings.abandon_uploads_after)
 
 
 def _warn_unindexed(index: Index, store: BlobStore, index_path: str) -> None:
@@ -602,9 +648,30 @@ def makeService(options: Options) -> IService:
         if own_listen is not None:
             own = plain_http(LimitedSite(Root({name: resource}), config.client_limits()))
             StreamServerEndpointService(serverFromString(reactor, own_listen), own).setServiceParent(service)
+    store = cache.store
+    if isinstance(store, BucketStore):
+        BucketService(store).setServiceParent(service)
     if swept:
         log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)
     return service
+
+
+class BucketService(TimerService):
+    """Sweeps the uploads crashed replicas left behind at start, and checks the bucket for /health."""
+
+    def __init__(self, store: BucketStore) -> None:
+        super().__init__(_BUCKET_CHECK_SECONDS, self._check)
+        self._store = store
+        self._swept = False
+
+    def _check(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        if not self._swept:
+            self._swept = True
+            await self._store.sweep()
+        await self._store.check()
 
 
 def _hand_over(image_path: str, twistd_options: usage.Options | None) -> None:

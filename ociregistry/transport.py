@@ -59,6 +59,9 @@ from ociregistry.metrics import Metrics
 
 log = Logger()
 
+# Takes each piece of a body; a Deferred it returns pauses the body until it fires.
+Sink = Callable[[bytes], "Deferred[None] | None"]
+
 T = TypeVar("T")
 
 _RETRY_STATUSES = (500, 502, 503, 504)
@@ -227,7 +230,7 @@ class _Redirects(RedirectAgent):
 class _BodyReader(Protocol):
     """Delivers a response body to a sink; aborts when the upstream stalls, trickles, or on cancel."""
 
-    def __init__(self, sink: Callable[[bytes], None], clock: IReactorTime, idle: float,
+    def __init__(self, sink: Sink, clock: IReactorTime, idle: float,
                  min_rate: float, window: float, source: str) -> None:
         self.done: Deferred[None] = Deferred(lambda _: self._abort())
         self._sink = sink
@@ -241,6 +244,9 @@ class _BodyReader(Protocol):
         self._rate_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
         self._idle_timer = self._clock.callLater(self._idle, self._stalled)
         if self._min_rate > 0:
             self._rate_timer = self._clock.callLater(self._window, self._check_rate)
@@ -250,9 +256,31 @@ class _BodyReader(Protocol):
             self._idle_timer.reset(self._idle)
         self._in_window += len(data)
         try:
-            self._sink(data)
+            room = self._sink(data)
         except Exception:
             self._fail(Failure())
+            return
+        if room is not None and not room.called:
+            # The sink is storing what it has (a part upload): the upstream waits, its timers too.
+            self._hold()
+            room.addCallbacks(self._resume, self._fail)
+        elif room is not None:
+            room.addErrback(self._fail)
+
+    def _hold(self) -> None:
+        for timer in (self._idle_timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).pauseProducing()
+
+    def _resume(self, _: object) -> None:
+        if self.done.called:
+            return
+        self._in_window = 0
+        self._arm()
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         for timer in (self._idle_timer, self._rate_timer):
@@ -461,8 +489,10 @@ class Transport:
     def _observe(self, registry: str, outcome: str, started: float) -> None:
         self._metrics.upstream_requests.labels(registry, outcome).observe(time.monotonic() - started)
 
-    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> Deferred[None]:
+    def read_body(self, response: IResponse, sink: Sink, source: str) -> Deferred[None]:
         """Feed a response body to ``sink``; fails if the upstream stalls, trickles or breaks off.
+
+        When ``sink`` returns an unfired Deferred, the body is paused until it fires.
 
         Cancelling the Deferred aborts the connection.
         """

@@ -8,7 +8,7 @@ credentials); this module puts them together and turns answers into results.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
@@ -22,7 +22,7 @@ from ociregistry.config import RegistrySettings, registry_settings
 from ociregistry.credentials import Credentials
 from ociregistry.errors import Denied, RateLimited, TooLarge, Unavailable
 from ociregistry.metrics import Metrics
-from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_RATE_WINDOW, Transport, header
+from ociregistry.transport import DEFAULT_MIN_RATE, DEFAULT_RATE_WINDOW, Sink, Transport, header
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -81,7 +81,7 @@ class Upstream:
         """The configured settings for a registry, or the defaults."""
         return registry_settings(self._registries, registry)
 
-    def read_body(self, response: IResponse, sink: Callable[[bytes], None], source: str) -> Deferred[None]:
+    def read_body(self, response: IResponse, sink: Sink, source: str) -> Deferred[None]:
         """Feed a response body to ``sink``; fails if the upstream stalls, trickles or breaks off.
 
         Cancelling the Deferred aborts the connection.

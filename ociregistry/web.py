@@ -24,7 +24,8 @@ from zope.interface import implementer
 
 from ociregistry.allowlist import lookups_on_behalf_of
 from ociregistry.cache import Cache
-from ociregistry.downloads import BlobSource, StoredBlob
+from ociregistry.content import BlobSource, RemoteBlob, StoredBlob
+from ociregistry.downloads import BlobDownload
 from ociregistry.errors import (
     Internal,
     InvalidParameter,
@@ -337,12 +338,21 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await self._cache.blob(where, digest)
-        self._source(request, where, "hit" if isinstance(source, StoredBlob) else "miss")
+        self._source(request, where, "miss" if isinstance(source, BlobDownload) else "hit")
         size = source.size
+        location = source.redirect() if isinstance(source, RemoteBlob) else None
+        if location is not None:
+            # The store serves the blob itself, Range and all, to whoever has the URL for a while.
+            request.setResponseCode(307)
+            request.setHeader(b"Location", location.encode("ascii"))
+            request.responseHeaders.removeHeader(b"Accept-Ranges")
+            _send_bytes(request, b"", b"application/octet-stream")
+            return
         header = request.getHeader(b"range")
         wanted = parse_range(header.decode("latin-1"), size) if header and size is not None else None
         if isinstance(wanted, RangeNotSatisfiable):
-            source.close()
+            if isinstance(source, BlobSource):
+                source.close()
             raise wanted
         if wanted is None:
             start, end = 0, size
@@ -353,7 +363,30 @@ class RegistryAPI(Resource):
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode("ascii"))
             request.setHeader(b"Content-Length", str(end - start).encode("ascii"))
-        BlobSender(request, source, start, end, self._metrics).start()
+        if isinstance(source, RemoteBlob):
+            assert end is not None
+            await self._send_remote(request, source, start, end)
+        else:
+            BlobSender(request, source, start, end, self._metrics).start()
+
+    async def _send_remote(self, request: RegistryRequest, source: RemoteBlob, start: int, end: int) -> None:
+        """Stream bytes the store sends, paced by the client; a store failing midway aborts the response."""
+        # A store that fails here is a JSON error: nothing has been sent yet.
+        body = await source.open_range(start, end)
+        try:
+            await body.deliver(request)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("Aborting a response for {digest}: {why}", digest=source.digest, why=str(e))
+            # Never end cleanly: the client must not take a short body as whole.
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                cast(ITCPTransport, transport).abortConnection()
+            return
+        self._metrics.bytes_served.labels("cache").inc(body.length)
+        if not request.finished and not request._disconnected:
+            request.finish()
 
     async def _tags(self, request: RegistryRequest, route: Route, where: Upstream) -> None:
         query = {}
