@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,7 +15,8 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from ociregistry.config import load_config_file
+from ociregistry.config import ConfigError, load_config_file
+from ociregistry.tap import Options
 from tests.realparts import PROJECT_ROOT, installed_script
 
 CHART = os.path.join(PROJECT_ROOT, "deploy", "helm", "ociregistry")
@@ -25,6 +27,17 @@ HELM = os.path.join(PROJECT_ROOT, ".tools", "helm")
 KUBERNETES_VERSIONS = ("1.30.0", None)
 # Kinds of custom resources, whose schemas kubernetes-validate does not have.
 CUSTOM_KINDS = {"ServiceMonitor"}
+REPLICAS_EXAMPLE = os.path.join(CHART, "examples", "replicas.yaml")
+# What the replicas example's Secrets would hold, and a pod's address.
+SECRETS = {"OCIREGISTRY_S3_SECRET": "s3-secret",
+           "OCIREGISTRY_INDEX_URL": "postgresql://ociregistry:pw@db.internal:5432/ociregistry"}
+POD_IP = "10.1.2.3"
+# The shared store given with --set: the database URL without a password, in the config file.
+SHARED_STORE = ["--set", "replicas=3",
+                "--set", "sharedStore.postgresql.url=postgresql://ociregistry@db.internal:5432/ociregistry",
+                "--set", "sharedStore.s3.endpoint=http://rgw.internal:7480",
+                "--set", "sharedStore.s3.bucket=ociregistry", "--set", "sharedStore.s3.accessKey=OCIREG",
+                "--set", "sharedStore.s3.secretKeySecret.name=ociregistry-s3"]
 
 
 def helm(home: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -91,8 +104,8 @@ class LintAndValidateTests(ChartTestCase):
     def test_examples_exist(self) -> None:
         """The documented example values files are there (the checks below go through each)."""
         self.assertEqual([os.path.basename(p) for p in EXAMPLES],
-                         ["monitoring.yaml", "nodeport.yaml", "secrets.yaml", "throwaway.yaml",
-                          "tls.yaml"])
+                         ["monitoring.yaml", "nodeport.yaml", "replicas.yaml", "secrets.yaml",
+                          "throwaway.yaml", "tls.yaml"])
 
     def test_lint(self) -> None:
         """helm lint --strict passes with the defaults and with each example."""
@@ -236,15 +249,45 @@ class ValuesTests(ChartTestCase):
         objects = self.render("--values", self.values_file({"config": example}))
         self.assertEqual(self.server_config(objects), example)
 
+    def config_file(self, objects: list[dict[str, Any]]) -> str:
+        """The rendered configuration file, written where the server can read it."""
+        path = self.values_file({})
+        with open(path, "w") as f:
+            yaml.safe_dump(self.server_config(objects), f)
+        return path
+
     def test_rendered_config_loads(self) -> None:
         """The server reads the rendered configuration of the defaults and of the examples
-        that name no files."""
+        that name no files, the shared store's (storage.s3) among them."""
+        failed: dict[str, str] = {}
         for values in [[], *(["--values", path] for path in EXAMPLES if "tls" not in path)]:
-            path = self.values_file({})
-            with open(path, "w") as f:
-                yaml.safe_dump(self.server_config(self.render(*values)), f)
-            settings = load_config_file(path, {"PRIVATE_REGISTRY_PASSWORD": "secret"})
+            path = self.config_file(self.render(*values))
+            try:
+                settings = load_config_file(path, {"PRIVATE_REGISTRY_PASSWORD": "secret", **SECRETS})
+            except ConfigError as e:
+                failed[os.path.basename(values[-1]) if values else "defaults"] = str(e)
+                continue
             self.assertEqual((settings.image_path, settings.port), ("/var/lib/ociregistry", 8080))
+        self.assertEqual(list(failed), [], "\n".join(failed.values()))
+        settings = load_config_file(self.config_file(self.render(*SHARED_STORE)), SECRETS)
+        self.assertEqual(settings.index_url, "postgresql://ociregistry@db.internal:5432/ociregistry")
+
+    def test_shared_store_arguments_parse(self) -> None:
+        """The server takes the replicas' arguments, as Kubernetes expands them from the pod's
+        environment: the database URL from its Secret, the advertised URL from the pod's IP."""
+        objects = self.render("--values", REPLICAS_EXAMPLE)
+        container = self.container(objects)
+        environment = {**SECRETS, "POD_IP": POD_IP}
+        self.assertEqual(sorted(e["name"] for e in container["env"]), sorted(environment))
+        args = [re.sub(r"\$\((\w+)\)", lambda m: environment[m.group(1)], arg) for arg in container["args"]]
+        self.assertEqual(args[:2], ["--config-file", "/etc/ociregistry/config.yaml"])
+        for name, value in SECRETS.items():
+            os.environ[name] = value
+            self.addCleanup(os.environ.pop, name)
+        options = Options()
+        options.parseOptions(["--config-file", self.config_file(objects), *args[2:]])
+        self.assertEqual(options.config.index_url, SECRETS["OCIREGISTRY_INDEX_URL"])
+        self.assertEqual(options["advertise-url"], f"http://{POD_IP}:8080")
 
     def test_config_change_restarts_the_pod(self) -> None:
         """A changed configuration changes the pod template (its checksum annotation)."""
@@ -253,10 +296,90 @@ class ValuesTests(ChartTestCase):
             return str(pod["metadata"]["annotations"]["checksum/config"])
         self.assertNotEqual(checksum(), checksum("--set", "config.logLevel=debug"))
 
+    def test_shared_store(self) -> None:
+        """replicas 3: a Deployment of 3 replaced while the others serve, a PodDisruptionBudget,
+        no claim, the shared index and bucket in the config file, the S3 secret key from its
+        Secret, each pod advertising its own address, replicas preferably on different nodes."""
+        objects = self.render(*SHARED_STORE, "--set", "sharedStore.spoolSizeLimit=8Gi")
+        deployment = self.one(objects, "Deployment")
+        self.assertEqual(deployment["spec"]["replicas"], 3)
+        self.assertEqual(deployment["spec"]["strategy"],
+                         {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        budget = self.one(objects, "PodDisruptionBudget")
+        self.assertEqual(budget["spec"], {"maxUnavailable": 1,
+                                          "selector": deployment["spec"]["selector"]})
+        self.assertEqual([o for o in objects if o["kind"] == "PersistentVolumeClaim"], [])
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        self.assertEqual(volumes["cache"], {"name": "cache", "emptyDir": {"sizeLimit": "8Gi"}})
+        config = self.server_config(objects)
+        self.assertEqual(config["index"], {"postgresql": "postgresql://ociregistry@db.internal:5432/ociregistry"})
+        self.assertEqual(config["storage"], {"s3": {
+            "endpoint": "http://rgw.internal:7480", "bucket": "ociregistry", "region": "us-east-1",
+            "accessKey": "OCIREG", "secretKeyFromEnv": "OCIREGISTRY_S3_SECRET", "prefix": "",
+            "redirect": False}})
+        container = self.container(objects)
+        self.assertEqual(container["env"], [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "OCIREGISTRY_S3_SECRET",
+             "valueFrom": {"secretKeyRef": {"name": "ociregistry-s3", "key": "secretKey"}}}])
+        self.assertEqual(container["args"], ["--config-file", "/etc/ociregistry/config.yaml",
+                                             "--advertise-url", "http://$(POD_IP):8080"])
+        self.assertEqual(pod["affinity"], {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                "labelSelector": deployment["spec"]["selector"]}}]}})
+
+    def test_shared_store_database_url_from_secret(self) -> None:
+        """The replicas example: the database URL, password included, from a Secret given with
+        --index-url, and none in the config file; a NodePort in front of the replicas."""
+        objects = self.render("--values", REPLICAS_EXAMPLE)
+        self.assertEqual(self.one(objects, "Deployment")["spec"]["replicas"], 3)
+        container = self.container(objects)
+        self.assertEqual(container["args"][2:], ["--advertise-url", "http://$(POD_IP):8080",
+                                                 "--index-url", "$(OCIREGISTRY_INDEX_URL)"])
+        env = {e["name"]: e["valueFrom"] for e in container["env"]}
+        self.assertEqual(env["OCIREGISTRY_INDEX_URL"],
+                         {"secretKeyRef": {"name": "ociregistry-index", "key": "url"}})
+        self.assertNotIn("index", self.server_config(objects))
+        self.assertEqual(self.one(objects, "Service")["spec"]["ports"][0]["nodePort"], 30500)
+
+    def test_shared_store_choices(self) -> None:
+        """One replica on the shared store with sharedStore.enabled; minAvailable replaces
+        maxUnavailable; affinity of one's own keeps the spreading across nodes; with TLS
+        the replicas advertise https."""
+        objects = self.render(*SHARED_STORE, "--set", "replicas=1", "--set", "sharedStore.enabled=true",
+                              "--set", "podDisruptionBudget.minAvailable=50%",
+                              "--set", "affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0]"
+                                       ".weight=1",
+                              "--set", "tls.enabled=true", "--set", "tls.secretName=t")
+        deployment = self.one(objects, "Deployment")
+        self.assertEqual((deployment["spec"]["replicas"], deployment["spec"]["strategy"]["type"]),
+                         (1, "RollingUpdate"))
+        self.assertEqual(self.one(objects, "PodDisruptionBudget")["spec"]["minAvailable"], "50%")
+        affinity = deployment["spec"]["template"]["spec"]["affinity"]
+        self.assertEqual(sorted(affinity), ["nodeAffinity", "podAntiAffinity"])
+        self.assertEqual(self.container(objects)["args"][2:], ["--advertise-url", "https://$(POD_IP):8080"])
+
     def test_refused_values(self) -> None:
         """Values that cannot work stop the rendering with a message saying why."""
+        def without(key: str) -> list[str]:
+            return ["--values", REPLICAS_EXAMPLE, "--set", f"{key}="]
         for args, message in [
-            (["--set", "replicas=3"], "replicas > 1 needs a store shared by the replicas"),
+            (["--set", "replicas=3"], "replicas > 1 needs the shared index: set "
+                                      "sharedStore.postgresql.urlSecret.name"),
+            (["--set", "sharedStore.enabled=true"], "sharedStore.enabled needs the shared index"),
+            (without("sharedStore.postgresql.urlSecret.name"), "replicas > 1 needs the shared index"),
+            ([*SHARED_STORE, "--set", "sharedStore.postgresql.urlSecret.name=db"],
+             "sharedStore.postgresql.url and sharedStore.postgresql.urlSecret.name both name the database"),
+            (without("sharedStore.s3.endpoint"), "replicas > 1 needs sharedStore.s3.endpoint: "
+                                                 "the S3-compatible store's URL"),
+            (without("sharedStore.s3.bucket"), "replicas > 1 needs sharedStore.s3.bucket"),
+            (without("sharedStore.s3.region"), "replicas > 1 needs sharedStore.s3.region"),
+            (without("sharedStore.s3.accessKey"), "replicas > 1 needs sharedStore.s3.accessKey"),
+            (without("sharedStore.s3.secretKeySecret.name"),
+             "replicas > 1 needs sharedStore.s3.secretKeySecret.name: a Secret whose key \"secretKey\""),
+            (["--values", REPLICAS_EXAMPLE, "--set", "podDisruptionBudget.maxUnavailable=null"],
+             "podDisruptionBudget needs maxUnavailable or minAvailable"),
             (["--set", "tls.enabled=true"], "tls.enabled needs tls.secretName"),
             (["--set", "tls.enabled=true", "--set", "tls.secretName=t", "--set", "tls.clientAuth=verify"],
              "set config.health"),
