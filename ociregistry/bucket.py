@@ -36,7 +36,7 @@ REDIRECT_SECONDS = 300
 class BucketBlob(RemoteBlob):
     """A verified blob in the bucket, of the size the index records; its bytes are fetched when sent."""
 
-    def __init__(self, store: "BucketStore", digest: str, size: int) -> None:
+    def __init__(self, store: BucketStore, digest: str, size: int) -> None:
         self.digest = digest
         self.size = size
         self._store = store
@@ -79,7 +79,7 @@ class BucketWriter:
         """Bytes written so far."""
         return self._spool.size
 
-    def write(self, data: bytes) -> "Deferred[None] | None":
+    def write(self, data: bytes) -> Deferred[None] | None:
         """Spool the bytes (readers see them at once); a Deferred while the upload is too far behind."""
         if self._failure is not None:
             self._failure.raiseException()
@@ -111,7 +111,7 @@ class BucketWriter:
         # (Cleared at once when the slice was taken without waiting for the bucket.)
         pump.addBoth(self._pumped)
 
-    def _pumped(self, result: None | Failure) -> None:
+    def _pumped(self, result: Failure | None) -> None:
         self._pump = None
         if isinstance(result, Failure):
             self._failed(result)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, Hashable, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -21,7 +22,14 @@ from twisted.logger import Logger
 from ociregistry.content import BlobSource, ContentStore, RemoteBlob
 from ociregistry.downloads import Downloads
 from ociregistry.errors import (
-    DigestMismatch, InvalidDigest, ManifestUnknown, NotFound, OCIError, Transient, blob_unknown, manifest_unknown,
+    DigestMismatch,
+    InvalidDigest,
+    ManifestUnknown,
+    NotFound,
+    OCIError,
+    Transient,
+    blob_unknown,
+    manifest_unknown,
     name_unknown,
 )
 from ociregistry.grammar import Upstream as Where
@@ -208,8 +216,8 @@ class Cache:
                 digest = await self._upstream.manifest_digest(where.registry, where.repository, tag)
             except UpstreamNotFound:
                 if cached is None:
-                    raise manifest_unknown(tag)
-                raise ManifestUnknown("the upstream no longer has this tag")
+                    raise manifest_unknown(tag) from None
+                raise ManifestUnknown("the upstream no longer has this tag") from None
             if digest is None or not _verifiable(digest):
                 found = await self._fetch(where, tag, tag)
             else:
@@ -274,7 +282,7 @@ class Cache:
                 where.registry, where.repository, reference
             )
         except UpstreamNotFound:
-            raise manifest_unknown(reference)
+            raise manifest_unknown(reference) from None
         algorithm = reference.partition(":")[0] if is_digest(reference) else "sha256"
         digest = f"{algorithm}:{hashlib.new(algorithm, content).hexdigest()}"
         if is_digest(reference) and digest != reference:
@@ -283,7 +291,7 @@ class Cache:
             raise DigestMismatch(f"upstream's Docker-Content-Digest {header_digest} does not match its manifest")
         media_type, references = describe(content, content_type, f"upstream {where.registry}")
 
-        def row() -> "Deferred[ManifestRecord]":
+        def row() -> Deferred[ManifestRecord]:
             return self._index.record_manifest(
                 digest, media_type, len(content), where.registry, where.repository, references, tag=tag
             )
@@ -348,7 +356,7 @@ class Cache:
             try:
                 return await self._upstream.head_blob(where.registry, where.repository, digest)
             except UpstreamNotFound:
-                raise blob_unknown(digest)
+                raise blob_unknown(digest) from None
 
         return await self._blob_heads.run((where.registry, digest), head)
 
@@ -362,7 +370,7 @@ class Cache:
         try:
             return await self._upstream.list_tags(where.registry, where.repository, query)
         except UpstreamNotFound:
-            raise name_unknown(where.repository)
+            raise name_unknown(where.repository) from None
         except Transient:
             tags = await self._index.tags(where.registry, where.repository)
             if not tags:

@@ -31,7 +31,7 @@ class BlobSource:
         """How many bytes from the start may be sent now."""
         raise NotImplementedError
 
-    def wait_for(self, offset: int) -> "Deferred[None]":
+    def wait_for(self, offset: int) -> Deferred[None]:
         """Fires when more than ``offset`` bytes are available, or the blob is complete.
 
         Fails if the download fails.
@@ -65,7 +65,7 @@ class StoredBlob(BlobSource):
     def available(self) -> int:
         return self.size
 
-    def wait_for(self, offset: int) -> "Deferred[None]":
+    def wait_for(self, offset: int) -> Deferred[None]:
         return succeed(None)
 
 
@@ -108,7 +108,7 @@ class ContentWriter(Protocol):
     def size(self) -> int:
         """How many bytes were written so far."""
 
-    def write(self, data: bytes) -> "Deferred[None] | None":
+    def write(self, data: bytes) -> Deferred[None] | None:
         """Append bytes; a Deferred means "wait for it before writing more" (backpressure)."""
 
     async def commit(self) -> object:
@@ -135,7 +135,7 @@ class ContentStore(Protocol):
     def begin(self, digest: str, limit: int | None = None) -> ContentWriter:
         """Start writing content that must hash to ``digest``."""
 
-    async def open_blob(self, digest: str, size: int) -> "BlobSource | RemoteBlob | None":
+    async def open_blob(self, digest: str, size: int) -> BlobSource | RemoteBlob | None:
         """A reader for stored content of a known size, or None when it is gone."""
 
     async def read_manifest(self, digest: str) -> bytes | None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import re
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Concatenate, ContextManager, Iterable, Iterator, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -32,7 +33,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ociregistry.errors import OCIError, ServiceUnavailable
-
 from ociregistry.store import BlobStore
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class Engine:
         """A statement written with ``?`` placeholders, as this engine's driver takes it."""
         return statement
 
-    def connect(self) -> "IndexConnection":
+    def connect(self) -> IndexConnection:
         """A new connection of its own, with the schema up to date."""
         raise NotImplementedError
 
@@ -149,7 +149,7 @@ class Engine:
         """The error clients get for a failed write (507, 503), or None to let it pass."""
         return None
 
-    def trial(self, connection: "IndexConnection") -> ContextManager["IndexConnection"]:
+    def trial(self, connection: IndexConnection) -> AbstractContextManager[IndexConnection]:
         """A connection whose changes are thrown away, to work out what a change would do."""
         raise NotImplementedError
 
@@ -166,16 +166,16 @@ class Engine:
     def start(self) -> None:
         """Open what the server's short work uses (raises CacheUnusable when it cannot)."""
 
-    def short(self, interaction: Callable[Concatenate["IndexConnection", P], T],
-              *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
+    def short(self, interaction: Callable[Concatenate[IndexConnection, P], T],
+              *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Run a short interaction for the server."""
         raise NotImplementedError
 
-    def long(self, work: Callable[["IndexConnection"], T], to_thread: ToThread) -> "Deferred[T]":
+    def long(self, work: Callable[[IndexConnection], T], to_thread: ToThread) -> Deferred[T]:
         """Run whole-index work off the reactor, with a connection of its own."""
         raise NotImplementedError
 
-    def blocking(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+    def blocking(self, interaction: Callable[Concatenate[IndexConnection, P], T],
                  *args: P.args, **kwargs: P.kwargs) -> T:
         """Run an interaction on the calling thread and wait for it."""
         raise NotImplementedError
@@ -220,55 +220,55 @@ class Index:
         self._pulls_failing = False
         engine.start()
 
-    def run(self, interaction: Callable[Concatenate["IndexConnection", P], T],
-            *args: P.args, **kwargs: P.kwargs) -> "Deferred[T]":
+    def run(self, interaction: Callable[Concatenate[IndexConnection, P], T],
+            *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Run a short interaction where the engine runs the server's work."""
         return self.engine.short(interaction, *args, **kwargs)
 
-    def run_long(self, work: Callable[["IndexConnection"], T], to_thread: ToThread) -> "Deferred[T]":
+    def run_long(self, work: Callable[[IndexConnection], T], to_thread: ToThread) -> Deferred[T]:
         """Run whole-index work off the reactor with a connection of its own, pull times written first."""
         return self.flush_pulls().addCallback(lambda _: self.engine.long(work, to_thread))
 
-    def run_blocking(self, interaction: Callable[Concatenate["IndexConnection", P], T],
+    def run_blocking(self, interaction: Callable[Concatenate[IndexConnection, P], T],
                      *args: P.args, **kwargs: P.kwargs) -> T:
         """Run an interaction on the calling thread (start-up, the CLI), waiting for it."""
         return self.engine.blocking(interaction, *args, **kwargs)
 
-    def manifest(self, digest: str) -> "Deferred[ManifestRecord | None]":
+    def manifest(self, digest: str) -> Deferred[ManifestRecord | None]:
         """The cached manifest with this digest, if any."""
         return self.engine.short(IndexConnection.manifest, digest)
 
-    def tag(self, registry: str, repository: str, tag: str) -> "Deferred[tuple[ManifestRecord, str] | None]":
+    def tag(self, registry: str, repository: str, tag: str) -> Deferred[tuple[ManifestRecord, str] | None]:
         """The manifest a cached tag points at, and when the tag was last confirmed upstream."""
         return self.engine.short(IndexConnection.tag, registry, repository, tag)
 
-    def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> "Deferred[bool]":
+    def point_tag(self, registry: str, repository: str, tag: str, digest: str) -> Deferred[bool]:
         """Point a tag at a cached manifest, confirmed now; False if the manifest is not cached (any more)."""
         return self.engine.short(IndexConnection.point_tag, registry, repository, tag, digest)
 
-    def references(self, digest: str) -> "Deferred[list[Reference]]":
+    def references(self, digest: str) -> Deferred[list[Reference]]:
         """What a cached manifest refers to."""
         return self.engine.short(IndexConnection.references, digest)
 
     def record_manifest(self, digest: str, media_type: str, size: int, registry: str, repository: str,
-                        references: Iterable[Reference], tag: str | None = None) -> "Deferred[ManifestRecord]":
+                        references: Iterable[Reference], tag: str | None = None) -> Deferred[ManifestRecord]:
         """Add a verified, stored manifest (and point a tag at it) in one transaction."""
         return self.engine.short(IndexConnection.record_manifest, digest, media_type, size, registry,
                                  repository, list(references), tag)
 
-    def tags(self, registry: str, repository: str) -> "Deferred[list[str]]":
+    def tags(self, registry: str, repository: str) -> Deferred[list[str]]:
         """The cached tags of a repository, sorted."""
         return self.engine.short(IndexConnection.tags, registry, repository)
 
-    def blob_size(self, digest: str) -> "Deferred[int | None]":
+    def blob_size(self, digest: str) -> Deferred[int | None]:
         """The size of a cached blob, or None when it is not cached."""
         return self.engine.short(IndexConnection.blob_size, digest)
 
-    def record_blob(self, digest: str, size: int) -> "Deferred[None]":
+    def record_blob(self, digest: str, size: int) -> Deferred[None]:
         """Add a verified, stored blob."""
         return self.engine.short(IndexConnection.record_blob, digest, size)
 
-    async def record_file(self, store: ContentStore, writer: ContentWriter, record: Callable[[], "Deferred[T]"]) -> T:
+    async def record_file(self, store: ContentStore, writer: ContentWriter, record: Callable[[], Deferred[T]]) -> T:
         """Rename a verified file into place, then write the row that names it (``record``).
 
         When the row cannot be written (the disk is full, the index unreachable)
@@ -293,19 +293,19 @@ class Index:
                              digest=writer.digest, why=str(e), again=str(again))
             raise
 
-    def forget_blob(self, digest: str) -> "Deferred[None]":
+    def forget_blob(self, digest: str) -> Deferred[None]:
         """Drop a blob row whose file has gone, so that it is fetched again."""
         return self.engine.short(IndexConnection.forget_blob, digest)
 
-    def forget_manifest(self, digest: str) -> "Deferred[None]":
+    def forget_manifest(self, digest: str) -> Deferred[None]:
         """Drop a manifest row (and its tags and references) whose file has gone."""
         return self.engine.short(IndexConnection.forget_manifest, digest)
 
-    def set_times(self, digest: str, created: str, pulled: str) -> "Deferred[None]":
+    def set_times(self, digest: str, created: str, pulled: str) -> Deferred[None]:
         """Set when a manifest entered the cache and was last pulled (for imported caches)."""
         return self.engine.short(IndexConnection.set_times, digest, created, pulled)
 
-    def totals(self) -> "Deferred[tuple[int, int, int]]":
+    def totals(self) -> Deferred[tuple[int, int, int]]:
         """How many manifests and blobs are cached, and their bytes on disk."""
         return self.engine.short(IndexConnection.totals)
 
@@ -317,7 +317,7 @@ class Index:
         """Note that a client pulled a manifest; written later in a batch."""
         self._pulls[digest] = self._clock.seconds()
 
-    def flush_pulls(self) -> "Deferred[int]":
+    def flush_pulls(self) -> Deferred[int]:
         """Write the pull times noted since the last flush in one transaction; how many.
 
         When the disk is full or the index busy or unreachable they are kept for
@@ -347,9 +347,9 @@ class Index:
             log.warn("Pull times are kept in memory until they can be written: {why}", why=error.message)
         return 0
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         """Write pending pull times and close the database."""
-        def closed(result: int | Failure) -> None | Failure:
+        def closed(result: int | Failure) -> Failure | None:
             self.engine.close()
             return result if isinstance(result, Failure) else None
 
@@ -387,7 +387,7 @@ class IndexConnection:
         """Close the connection."""
         self._db.close()
 
-    def trial(self) -> ContextManager["IndexConnection"]:
+    def trial(self) -> AbstractContextManager[IndexConnection]:
         """A connection whose changes are thrown away, to work out what a prune would do."""
         return self._engine.trial(self)
 
@@ -405,7 +405,7 @@ class IndexConnection:
         if rows:
             self._db.cursor().executemany(self._engine.sql(statement), rows)
 
-    def _transaction(self) -> "_Transaction":
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._engine, self._db)
 
     @contextmanager
@@ -547,7 +547,7 @@ class IndexConnection:
             "SELECT 1 FROM manifests WHERE digest = ? UNION ALL SELECT 1 FROM blobs WHERE digest = ?",
             (digest, digest)).fetchone() is not None
 
-    def remove_unnamed(self, store: "BlobStore", digest: str, identity: tuple[int, int]) -> None:
+    def remove_unnamed(self, store: BlobStore, digest: str, identity: tuple[int, int]) -> None:
         """Remove a digest's file unless a row names it now, or it is no longer the file ``identity`` names."""
         if not self.names(digest):
             store.remove(digest, identity)
@@ -558,7 +558,7 @@ class IndexConnection:
         row = self._execute(f"SELECT size FROM {table} WHERE digest = ?", (digest,)).fetchone()
         return int(row[0]) if row else None
 
-    def cached_images(self, every_manifest: bool = False) -> list["CachedImage"]:
+    def cached_images(self, every_manifest: bool = False) -> list[CachedImage]:
         """Every image as users name it: each tag, and each top-level manifest cached only by digest.
 
         With ``every_manifest``, the platform manifests of indexes are listed too.
@@ -605,9 +605,9 @@ class IndexConnection:
         ).fetchone()
         return int(size)
 
-    def remove_images(self, images: Iterable["CachedImage"], fit: int | None = None,
-                      store: "BlobStore | None" = None, batch: int = 100,
-                      orphans_since: str | None = None) -> "Removal":
+    def remove_images(self, images: Iterable[CachedImage], fit: int | None = None,
+                      store: BlobStore | None = None, batch: int = 100,
+                      orphans_since: str | None = None) -> Removal:
         """Untag images, drop the manifests and blobs nothing else uses, then every unreferenced blob.
 
         With ``fit``, stops once the cache is no larger than that many bytes.
@@ -657,7 +657,7 @@ class IndexConnection:
             # A gap between transactions, for a writer that waits for the lock.
             time.sleep(LOCK_POLL_SECONDS * 2)
 
-    def _remove_image(self, image: "CachedImage", manifests: dict[str, int], blobs: dict[str, int],
+    def _remove_image(self, image: CachedImage, manifests: dict[str, int], blobs: dict[str, int],
                       doomed: set[str], kept: set[str]) -> int:
         """Untag one image and drop what only it used; returns the bytes freed."""
         if image.tag is not None:
