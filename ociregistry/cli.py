@@ -22,7 +22,9 @@ from ociregistry.downloads import BlobDownload
 from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.metrics import Metrics
+from ociregistry.migrate import Migration, MigrationProgress
 from ociregistry.prune import (
     Criteria,
     check,
@@ -33,6 +35,7 @@ from ociregistry.prune import (
     prune,
     removal_store,
 )
+from ociregistry.s3 import S3Store
 from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import CacheUnusable
 from ociregistry.tap import Options, build_config, open_cache
@@ -224,6 +227,57 @@ def cmd_import_go_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy a single-node cache into the shared index and bucket of a configuration."""
+    source = os.path.abspath(args.source)
+    path = os.path.join(source, "index.db")
+    if not os.path.isfile(path):
+        raise CommandError(f"--from {args.source}: not an ociregistry cache (no index.db)")
+    settings = _settings(args)
+    if settings.index_url is None or settings.storage is None:
+        raise CommandError(f"--config-file {args.config_file}: migrate copies into a shared cache, and the "
+                           "file names no " + ("index.postgresql" if settings.index_url is None else "storage.s3"))
+    storage = settings.storage
+
+    async def work(reactor: Any) -> None:
+        try:
+            old = SqliteEngine(path, reactor, read_only=True).connect()
+            problem = old.readable()
+        except (CacheUnusable, sqlite3.Error) as e:
+            problem = str(e)
+        if problem is not None:
+            print(f"ociregistry migrate: --from {args.source}: not an ociregistry cache ({problem})",
+                  file=sys.stderr)
+            raise SystemExit(1)
+        s3 = S3Store(storage.s3, reactor=reactor)
+        try:
+            await s3.check_bucket()
+            # What an earlier run killed midway (or a crashed replica) left uploading.
+            await s3.sweep_uploads(storage.abandon_uploads_after)
+            index = Index(index_engine(settings.index_url, path, reactor))
+        except (StorageUnavailable, CacheUnusable) as e:
+            await s3.close()
+            print(f"ociregistry migrate: {e.message if isinstance(e, OCIError) else e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        progress = MigrationProgress(sys.stdout, sys.stderr, reactor, sys.stdout.isatty(), args.every)
+        try:
+            totals = await Migration(old, source, index, s3, reactor, progress, args.concurrency).run()
+        except OCIError as e:
+            progress.finish()
+            print(f"ociregistry migrate: {e.message}; run it again to carry on", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            old.close()
+            await index.close()
+            await s3.close()
+        progress.finish()
+        if totals.skipped:
+            raise SystemExit(1)
+
+    _react(work)
+    return 0
+
+
 def _type(image: CachedImage) -> str:
     return _TYPES.get(image.media_type, image.media_type)
 
@@ -374,6 +428,18 @@ def parser() -> argparse.ArgumentParser:
                                     "server (lts/, img/, fat/ and blobs/), verifying every digest.")
     importing.add_argument("--from", dest="source", required=True, metavar="DIR")
     importing.set_defaults(run=cmd_import_go_cache)
+
+    migrating = commands.add_parser(
+        "migrate", help="copy a single-node cache into the shared index and bucket",
+        description="Copy the cache under DIR (index.db and blobs/) into the PostgreSQL index and S3 bucket "
+        "the configuration file names: every object verified against its digest while it is uploaded, "
+        "then its rows. Run it again to carry on after an interruption: what is there already is skipped.")
+    migrating.add_argument("--from", dest="source", required=True, metavar="DIR", help="the cache to copy")
+    migrating.add_argument("--config-file", required=True, help="the replicas' YAML configuration")
+    migrating.add_argument("--concurrency", type=_positive, default=4, help="objects uploaded at once [default: 4]")
+    migrating.add_argument("--every", type=_positive, default=100,
+                           help="print a progress line every this many objects (off a terminal) [default: 100]")
+    migrating.set_defaults(run=cmd_migrate)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=cmd_version)
