@@ -26,14 +26,20 @@ from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.metrics import Metrics
 from ociregistry.migrate import Migration, MigrationProgress
 from ociregistry.prune import (
+    SETTLE_SECONDS,
     Criteria,
+    Problem,
     check,
+    check_bucket,
     describe_removal,
     local_time,
     parse_cutoff,
     parse_patterns,
     prune,
+    pruned_digests,
     removal_store,
+    remove_objects,
+    still_used,
 )
 from ociregistry.s3 import S3Store
 from ociregistry.sqlite import SqliteEngine
@@ -328,30 +334,80 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     if criteria.is_empty():
         raise CommandError("say what to prune: --pattern, --created-before, --accessed-before or --max-size")
+    storage = _settings(args).storage if args.config_file else None
     index = _index(args, writable=not args.dry_run)
     try:
         removal = prune(index, removal_store(_image_path(args)), criteria, args.dry_run, grace)
-    finally:
+    except BaseException:
         index.close()
-    print("\n".join(describe_removal(removal, args.dry_run)))
+        raise
+    print("\n".join(describe_removal(removal, args.dry_run)), flush=True)
+    if storage is None or args.dry_run:
+        index.close()
+        return 0
+
+    async def delete(reactor: Any) -> None:
+        # The rows' transactions have committed: a crash now leaves objects that check --repair deletes.
+        s3 = S3Store(storage.s3, reactor=reactor)
+        try:
+            digests = pruned_digests(removal)
+            used = still_used(index, digests)
+            deleted = await remove_objects(s3, [digest for digest in digests if digest not in used])
+        except StorageUnavailable as e:
+            print(f"ociregistry prune: the rows are gone, but deleting their objects failed: {e.message}; "
+                  "'ociregistry check --repair' deletes them later", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            index.close()
+            await s3.close()
+        print(f"deleted {deleted} objects from the bucket")
+
+    _react(delete)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify every file against its digest; with --repair, remove what is corrupt."""
-    _files_only(args, "check")
-    index = _index(args, writable=args.repair)
     try:
-        problems = check(index, removal_store(_image_path(args)), args.repair)
+        settle = parse_duration(args.grace) if args.grace is not None else SETTLE_SECONDS
+    except ValueError as e:
+        raise CommandError(f"--grace: {e}") from None
+    storage = _settings(args).storage if args.config_file else None
+    index = _index(args, writable=args.repair)
+    if storage is not None:
+        _react(lambda reactor: _check_bucket(index, S3Store(storage.s3, reactor=reactor), args.repair, settle))
+        return 0
+    try:
+        problems = check(index, removal_store(_image_path(args)), args.repair, settle=settle)
         checked = len(index.stored_objects())
     finally:
         index.close()
+    _print_problems(problems, checked, args.repair)
+    return 1 if problems and not args.repair else 0
+
+
+async def _check_bucket(index: IndexConnection, s3: S3Store, repair: bool, settle: float) -> None:
+    """``check`` on a shared cache: the index against the bucket's listing."""
+    try:
+        problems = await check_bucket(index, s3, repair, settle)
+        checked = len(index.stored_objects())
+    except StorageUnavailable as e:
+        print(f"ociregistry check: {e.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        index.close()
+        await s3.close()
+    _print_problems(problems, checked, repair)
+    if problems and not repair:
+        raise SystemExit(1)
+
+
+def _print_problems(problems: list[Problem], checked: int, repair: bool) -> None:
     for problem in problems:
-        action = " (removed)" if args.repair else ""
+        action = " (removed)" if repair else ""
         print(f"{problem.kind} {problem.digest}: {problem.what}{action}")
     print(f"{checked} objects checked, {len(problems)} problems"
-          + (", repaired" if args.repair and problems else ""))
-    return 1 if problems and not args.repair else 0
+          + (", repaired" if repair and problems else ""))
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -417,9 +473,13 @@ def parser() -> argparse.ArgumentParser:
 
     checking = commands.add_parser("check", parents=[cache], help="verify every file against its digest",
                                    description="Verify every manifest and blob file against its digest and "
-                                   "the index against the files; exits 1 if anything is wrong.")
+                                   "the index against the files (with storage.s3: every row against the "
+                                   "bucket's objects, and objects no row names); exits 1 if anything is wrong.")
     checking.add_argument("--repair", action="store_true",
                           help="remove what is corrupt or missing, so that it is fetched again")
+    checking.add_argument("--grace", metavar="DURATION",
+                          help="leave files or objects no row names alone this long after they were written, "
+                          "for the download about to record them [default: 10m]")
     checking.set_defaults(run=cmd_check)
 
     importing = commands.add_parser("import-go-cache", parents=[cache],
