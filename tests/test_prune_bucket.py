@@ -6,9 +6,12 @@ import json
 import os
 import secrets
 
+import treq
 from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
 from twisted.trial.unittest import TestCase
 
+from ociregistry.admin import admin_site
 from ociregistry.config import PruneSettings
 from ociregistry.index import Index, Reference
 from ociregistry.postgres import PostgresEngine
@@ -98,6 +101,24 @@ class BucketPruneTests(TestCase):
         settings = PruneSettings(enabled=True, type="pattern", expr="team/old", dry_run=False)
         self.index.set_times(gone, "2000-01-01T00:00:00Z", "2000-01-01T00:00:00Z")
         await prune_pass(index, removal_store(os.path.abspath(self.mktemp())), settings, reactor, bucket=self.s3)
+        self.assertIsNone(self.index.manifest(gone))
+        for digest in [gone, *blobs]:
+            self.assertIsNone(await self.s3.stat(key_for(digest)))
+
+    async def test_admin_prune_deletes_the_objects(self) -> None:
+        """DELETE /cmd/prune?dryRun=false on an admin API given the bucket deletes the objects after the rows."""
+        gone, blobs = await self.image("team/old", "v1", os.urandom(3000))
+        index = Index(PostgresEngine(self.database, reactor))
+        self.addCleanup(index.close)
+        site = admin_site(index, os.path.abspath(self.mktemp()), reactor, lambda: None, bucket=self.s3)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/cmd/prune?type=pattern&expr=team/old&dryRun=false&grace=0"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.delete(url, pool=pool)
+        text = await response.text()
+        self.assertEqual(response.code, 200, text)
+        self.assertIn("removed 1 images", text)
         self.assertIsNone(self.index.manifest(gone))
         for digest in [gone, *blobs]:
             self.assertIsNone(await self.s3.stat(key_for(digest)))
