@@ -32,11 +32,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ociregistry.config import PruneSettings, parse_duration, parse_size
-from ociregistry.index import CachedImage, Index, IndexConnection
+from ociregistry.index import CachedImage, Index, IndexConnection, Removal
 from ociregistry.manifests import IMAGE_TYPES
 from ociregistry.prune import (
     ToThread,
     criteria_for,
+    delete_pruned,
     describe_removal,
     inline,
     local_time,
@@ -46,6 +47,7 @@ from ociregistry.prune import (
     prune,
     removal_store,
 )
+from ociregistry.s3 import S3Store
 from ociregistry.site import ClientLimits, LimitedSite
 from ociregistry.store import BlobStore
 
@@ -77,10 +79,11 @@ class AdminAPI(Resource):
 
     def __init__(self, index: Index, store: BlobStore, clock: IReactorTime,
                  stop: Callable[[], None], token: str | None = None, listen_host: str = "",
-                 to_thread: ToThread = inline) -> None:
+                 to_thread: ToThread = inline, bucket: S3Store | None = None) -> None:
         super().__init__()
         self._index = index
         self._store = store
+        self._bucket = bucket
         self._clock = clock
         self._stop = stop
         self._token = token
@@ -240,7 +243,7 @@ class AdminAPI(Resource):
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
-        def pruning(index: IndexConnection) -> tuple[list[str], Any]:
+        def pruning(index: IndexConnection) -> tuple[list[str], Any, Removal]:
             removal = prune(index, self._store, criteria, dry_run, grace)
             return describe_removal(removal, dry_run), {
                 "dryRun": dry_run,
@@ -248,14 +251,16 @@ class AdminAPI(Resource):
                 "manifests": [{"digest": d, "size": s} for d, s in removal.manifests],
                 "blobs": [{"digest": d, "size": s} for d, s in removal.blobs],
                 "bytes": removal.size,
-            }
+            }, removal
 
-        def pruned(result: tuple[list[str], Any]) -> tuple[str, Any]:
-            lines, document = result
+        async def pruned() -> tuple[str, Any]:
+            lines, document, removal = await on_own_connection(self._index, self._to_thread, pruning)
             log_removal(lines, f"Admin prune ({kind})")
+            if self._bucket is not None and not dry_run:
+                await delete_pruned(self._index, self._bucket, removal, self._to_thread)
             return "\n".join(lines) + "\n", document
 
-        return on_own_connection(self._index, self._to_thread, pruning).addCallback(pruned)
+        return Deferred.fromCoroutine(pruned())
 
     def _stop_server(self, query: dict[str, str]) -> Answer:
         log.info("Stopping, as the admin API was asked to")
@@ -330,14 +335,15 @@ def _answer(request: Request, status: int, text: str) -> bytes:
 
 def admin_site(index: Index, image_path: str, clock: IReactorTime, stop: Callable[[], None],
                token: str | None = None, listen_host: str = "", to_thread: ToThread = inline,
-               limits: ClientLimits = ClientLimits()) -> LimitedSite:
+               limits: ClientLimits = ClientLimits(), bucket: S3Store | None = None) -> LimitedSite:
     """The admin web site: /cmd/..., answering requests for a loopback name or ``listen_host``.
 
     Its connections have the ``limits`` of every other listener's: header size
     and deadline, idle time and connections per address.
     """
     root = Resource()
-    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token, listen_host, to_thread))
+    root.putChild(b"cmd", AdminAPI(index, removal_store(image_path), clock, stop, token, listen_host, to_thread,
+                                   bucket))
     return LimitedSite(root, limits, reactor=clock)
 
 
@@ -351,11 +357,12 @@ def _interface(listen: str) -> str:
 
 
 def make_admin_service(index: Index, image_path: str, listen: str, reactor: Any, stop: Callable[[], None],
-                       token: str | None = None, limits: ClientLimits = ClientLimits()) -> StreamServerEndpointService:
+                       token: str | None = None, limits: ClientLimits = ClientLimits(),
+                       bucket: S3Store | None = None) -> StreamServerEndpointService:
     """The admin API listening where ``listen`` (a Twisted endpoint string) says, its clients held to ``limits``."""
     to_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
     service = StreamServerEndpointService(
         serverFromString(reactor, listen),
-        admin_site(index, image_path, reactor, stop, token, _interface(listen), to_thread, limits))
+        admin_site(index, image_path, reactor, stop, token, _interface(listen), to_thread, limits, bucket))
     service.setName("admin")
     return service

@@ -22,17 +22,26 @@ from ociregistry.downloads import BlobDownload
 from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.metrics import Metrics
+from ociregistry.migrate import Migration, MigrationProgress
 from ociregistry.prune import (
+    SETTLE_SECONDS,
     Criteria,
+    Problem,
     check,
+    check_bucket,
     describe_removal,
     local_time,
     parse_cutoff,
     parse_patterns,
     prune,
+    pruned_digests,
     removal_store,
+    remove_objects,
+    still_used,
 )
+from ociregistry.s3 import S3Store
 from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import CacheUnusable
 from ociregistry.tap import Options, build_config, open_cache
@@ -224,6 +233,57 @@ def cmd_import_go_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy a single-node cache into the shared index and bucket of a configuration."""
+    source = os.path.abspath(args.source)
+    path = os.path.join(source, "index.db")
+    if not os.path.isfile(path):
+        raise CommandError(f"--from {args.source}: not an ociregistry cache (no index.db)")
+    settings = _settings(args)
+    if settings.index_url is None or settings.storage is None:
+        raise CommandError(f"--config-file {args.config_file}: migrate copies into a shared cache, and the "
+                           "file names no " + ("index.postgresql" if settings.index_url is None else "storage.s3"))
+    storage = settings.storage
+
+    async def work(reactor: Any) -> None:
+        try:
+            old = SqliteEngine(path, reactor, read_only=True).connect()
+            problem = old.readable()
+        except (CacheUnusable, sqlite3.Error) as e:
+            problem = str(e)
+        if problem is not None:
+            print(f"ociregistry migrate: --from {args.source}: not an ociregistry cache ({problem})",
+                  file=sys.stderr)
+            raise SystemExit(1)
+        s3 = S3Store(storage.s3, reactor=reactor)
+        try:
+            await s3.check_bucket()
+            # What an earlier run killed midway (or a crashed replica) left uploading.
+            await s3.sweep_uploads(storage.abandon_uploads_after)
+            index = Index(index_engine(settings.index_url, path, reactor))
+        except (StorageUnavailable, CacheUnusable) as e:
+            await s3.close()
+            print(f"ociregistry migrate: {e.message if isinstance(e, OCIError) else e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        progress = MigrationProgress(sys.stdout, sys.stderr, reactor, sys.stdout.isatty(), args.every)
+        try:
+            totals = await Migration(old, source, index, s3, reactor, progress, args.concurrency).run()
+        except OCIError as e:
+            progress.finish()
+            print(f"ociregistry migrate: {e.message}; run it again to carry on", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            old.close()
+            await index.close()
+            await s3.close()
+        progress.finish()
+        if totals.skipped:
+            raise SystemExit(1)
+
+    _react(work)
+    return 0
+
+
 def _type(image: CachedImage) -> str:
     return _TYPES.get(image.media_type, image.media_type)
 
@@ -274,30 +334,80 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     if criteria.is_empty():
         raise CommandError("say what to prune: --pattern, --created-before, --accessed-before or --max-size")
+    storage = _settings(args).storage if args.config_file else None
     index = _index(args, writable=not args.dry_run)
     try:
         removal = prune(index, removal_store(_image_path(args)), criteria, args.dry_run, grace)
-    finally:
+    except BaseException:
         index.close()
-    print("\n".join(describe_removal(removal, args.dry_run)))
+        raise
+    print("\n".join(describe_removal(removal, args.dry_run)), flush=True)
+    if storage is None or args.dry_run:
+        index.close()
+        return 0
+
+    async def delete(reactor: Any) -> None:
+        # The rows' transactions have committed: a crash now leaves objects that check --repair deletes.
+        s3 = S3Store(storage.s3, reactor=reactor)
+        try:
+            digests = pruned_digests(removal)
+            used = still_used(index, digests)
+            deleted = await remove_objects(s3, [digest for digest in digests if digest not in used])
+        except StorageUnavailable as e:
+            print(f"ociregistry prune: the rows are gone, but deleting their objects failed: {e.message}; "
+                  "'ociregistry check --repair' deletes them later", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            index.close()
+            await s3.close()
+        print(f"deleted {deleted} objects from the bucket")
+
+    _react(delete)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify every file against its digest; with --repair, remove what is corrupt."""
-    _files_only(args, "check")
-    index = _index(args, writable=args.repair)
     try:
-        problems = check(index, removal_store(_image_path(args)), args.repair)
+        settle = parse_duration(args.grace) if args.grace is not None else SETTLE_SECONDS
+    except ValueError as e:
+        raise CommandError(f"--grace: {e}") from None
+    storage = _settings(args).storage if args.config_file else None
+    index = _index(args, writable=args.repair)
+    if storage is not None:
+        _react(lambda reactor: _check_bucket(index, S3Store(storage.s3, reactor=reactor), args.repair, settle))
+        return 0
+    try:
+        problems = check(index, removal_store(_image_path(args)), args.repair, settle=settle)
         checked = len(index.stored_objects())
     finally:
         index.close()
+    _print_problems(problems, checked, args.repair)
+    return 1 if problems and not args.repair else 0
+
+
+async def _check_bucket(index: IndexConnection, s3: S3Store, repair: bool, settle: float) -> None:
+    """``check`` on a shared cache: the index against the bucket's listing."""
+    try:
+        problems = await check_bucket(index, s3, repair, settle)
+        checked = len(index.stored_objects())
+    except StorageUnavailable as e:
+        print(f"ociregistry check: {e.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        index.close()
+        await s3.close()
+    _print_problems(problems, checked, repair)
+    if problems and not repair:
+        raise SystemExit(1)
+
+
+def _print_problems(problems: list[Problem], checked: int, repair: bool) -> None:
     for problem in problems:
-        action = " (removed)" if args.repair else ""
+        action = " (removed)" if repair else ""
         print(f"{problem.kind} {problem.digest}: {problem.what}{action}")
     print(f"{checked} objects checked, {len(problems)} problems"
-          + (", repaired" if args.repair and problems else ""))
-    return 1 if problems and not args.repair else 0
+          + (", repaired" if repair and problems else ""))
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -363,9 +473,13 @@ def parser() -> argparse.ArgumentParser:
 
     checking = commands.add_parser("check", parents=[cache], help="verify every file against its digest",
                                    description="Verify every manifest and blob file against its digest and "
-                                   "the index against the files; exits 1 if anything is wrong.")
+                                   "the index against the files (with storage.s3: every row against the "
+                                   "bucket's objects, and objects no row names); exits 1 if anything is wrong.")
     checking.add_argument("--repair", action="store_true",
                           help="remove what is corrupt or missing, so that it is fetched again")
+    checking.add_argument("--grace", metavar="DURATION",
+                          help="leave files or objects no row names alone this long after they were written, "
+                          "for the download about to record them [default: 10m]")
     checking.set_defaults(run=cmd_check)
 
     importing = commands.add_parser("import-go-cache", parents=[cache],
@@ -374,6 +488,18 @@ def parser() -> argparse.ArgumentParser:
                                     "server (lts/, img/, fat/ and blobs/), verifying every digest.")
     importing.add_argument("--from", dest="source", required=True, metavar="DIR")
     importing.set_defaults(run=cmd_import_go_cache)
+
+    migrating = commands.add_parser(
+        "migrate", help="copy a single-node cache into the shared index and bucket",
+        description="Copy the cache under DIR (index.db and blobs/) into the PostgreSQL index and S3 bucket "
+        "the configuration file names: every object verified against its digest while it is uploaded, "
+        "then its rows. Run it again to carry on after an interruption: what is there already is skipped.")
+    migrating.add_argument("--from", dest="source", required=True, metavar="DIR", help="the cache to copy")
+    migrating.add_argument("--config-file", required=True, help="the replicas' YAML configuration")
+    migrating.add_argument("--concurrency", type=_positive, default=4, help="objects uploaded at once [default: 4]")
+    migrating.add_argument("--every", type=_positive, default=100,
+                           help="print a progress line every this many objects (off a terminal) [default: 100]")
+    migrating.set_defaults(run=cmd_migrate)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=cmd_version)

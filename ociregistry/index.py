@@ -558,6 +558,42 @@ class IndexConnection:
         row = self._execute(f"SELECT size FROM {table} WHERE digest = ?", (digest,)).fetchone()
         return int(row[0]) if row else None
 
+    def blob_rows(self) -> list[tuple[str, int, str]]:
+        """Every blob row: (digest, size, created)."""
+        return sorted((d, int(s), c) for d, s, c in self._execute("SELECT digest, size, created FROM blobs"))
+
+    def tag_rows(self, digest: str) -> list[tuple[str, str, str, str]]:
+        """The tags pointing at a manifest: (registry, repository, tag, updated)."""
+        return sorted(self._execute("SELECT registry, repository, tag, updated FROM tags WHERE digest = ?",
+                                    (digest,)).fetchall())
+
+    def copy_blob(self, digest: str, size: int, created: str) -> None:
+        """Add a blob row as another index recorded it (moving a cache in); an existing row stays."""
+        with self._writing(), self._transaction():
+            self._execute("INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+                          (digest, size, created))
+
+    def copy_manifest(self, record: ManifestRecord, references: Iterable[Reference],
+                      tags: Iterable[tuple[str, str, str, str]]) -> None:
+        """Add a manifest row, its references and tags as another index recorded them, in one transaction.
+
+        What the rows hold already (a replica pulled it, or an earlier run copied it) stays.
+        """
+        with self._writing(), self._transaction():
+            self._execute(
+                "INSERT INTO manifests (digest, media_type, size, registry, repository, created, pulled)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+                (record.digest, record.media_type, record.size, record.registry, record.repository,
+                 record.created, record.pulled))
+            self._executemany(
+                "INSERT INTO manifest_refs (manifest, child, kind, media_type, size, platform)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(record.digest, r.child, r.kind, r.media_type, r.size, r.platform) for r in references])
+            self._executemany(
+                "INSERT INTO tags (registry, repository, tag, digest, updated) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (registry, repository, tag) DO NOTHING",
+                [(registry, repository, tag, record.digest, updated) for registry, repository, tag, updated in tags])
+
     def cached_images(self, every_manifest: bool = False) -> list[CachedImage]:
         """Every image as users name it: each tag, and each top-level manifest cached only by digest.
 

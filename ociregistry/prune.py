@@ -11,6 +11,12 @@ unlink leaves the bytes to open readers), downloads in progress live in
 ``tmp/`` where pruning never looks, and a request that finds a row but no file
 fetches the content again.
 
+On a bucket (``storage.s3``) the rows go the same way, and the objects of
+what they named are deleted after the transactions commit (``delete_pruned``),
+unless a row names the digest again or a replica is downloading it: a crash
+in between leaves objects no row names, which ``check --repair`` on the
+bucket deletes once they are older than a grace (``check_bucket``).
+
 With an index shared by several replicas, a blob a replica is downloading
 (under a live lease) is never removed, what was pulled in the last minutes
 is kept (see prune), and background pruning runs on one replica at a time
@@ -34,6 +40,7 @@ from twisted.logger import Logger
 
 from ociregistry.config import PruneSettings, parse_duration
 from ociregistry.index import CachedImage, Index, IndexConnection, Removal, utc
+from ociregistry.s3 import S3Store, digest_for, key_for
 from ociregistry.store import BlobStore
 
 log = Logger()
@@ -159,6 +166,26 @@ def prune(index: IndexConnection, store: BlobStore, criteria: Criteria, dry_run:
         return trial.remove_images(chosen, fit=criteria.max_size, orphans_since=since)
 
 
+def still_used(index: IndexConnection, digests: Iterable[str]) -> set[str]:
+    """Of these digests, the ones a row names (again) or a replica is downloading under a live lease."""
+    downloading = index.downloading()
+    return {digest for digest in digests if digest in downloading or index.names(digest)}
+
+
+def pruned_digests(removal: Removal) -> list[str]:
+    """Every digest whose row a prune removed, each once."""
+    return sorted({digest for digest, _ in removal.manifests + removal.blobs})
+
+
+async def remove_objects(s3: S3Store, digests: Iterable[str]) -> int:
+    """Delete the bucket's objects of these digests, one after another; how many."""
+    count = 0
+    for digest in digests:
+        await s3.delete(key_for(digest))
+        count += 1
+    return count
+
+
 def describe_removal(removal: Removal, dry_run: bool) -> list[str]:
     """Lines saying what a prune removed (or would remove)."""
     verb = "would remove" if dry_run else "removed"
@@ -191,33 +218,48 @@ def log_removal(lines: list[str], what: str) -> None:
              details="".join(f"\n  {line}" for line in lines[:-1]))
 
 
+async def delete_pruned(index: Index, s3: S3Store, removal: Removal, to_thread: ToThread = inline) -> int:
+    """After a prune's rows are gone (committed), delete their objects from the bucket unless used again."""
+    digests = pruned_digests(removal)
+    if not digests:
+        return 0
+    used = await on_own_connection(index, to_thread, lambda own: still_used(own, digests))
+    return await remove_objects(s3, [digest for digest in digests if digest not in used])
+
+
 async def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime,
-                     to_thread: ToThread = inline) -> None:
-    """One pass of background pruning, logged; its errors are logged and do not stop later passes."""
-    def alone(own: IndexConnection) -> list[str] | None:
+                     to_thread: ToThread = inline, bucket: S3Store | None = None) -> None:
+    """One pass of background pruning, logged; its errors are logged and do not stop later passes.
+
+    With a ``bucket``, the objects of what it removed are deleted from it afterwards.
+    """
+    def alone(own: IndexConnection) -> Removal | None:
         with own.pruning_alone() as alone:
             if not alone:
                 return None
-            return describe_removal(prune(own, store, criteria, settings.dry_run), settings.dry_run)
+            return prune(own, store, criteria, settings.dry_run)
 
     try:
         criteria = criteria_for(settings, clock.seconds())
-        lines = await on_own_connection(index, to_thread, alone)
-        if lines is None:
+        removal = await on_own_connection(index, to_thread, alone)
+        if removal is None:
             log.info("Pruning ({type}) skipped: another replica is pruning the shared index", type=settings.type)
             return
-        log_removal(lines, f"Pruning ({settings.type})")
+        log_removal(describe_removal(removal, settings.dry_run), f"Pruning ({settings.type})")
+        if bucket is not None and not settings.dry_run:
+            await delete_pruned(index, bucket, removal, to_thread)
     except Exception:
         log.failure("Pruning pass failed")
 
 
 def make_prune_service(settings: PruneSettings, index: Index, image_path: str,
-                       clock: IReactorTime, to_thread: ToThread = inline) -> TimerService:
+                       clock: IReactorTime, to_thread: ToThread = inline,
+                       bucket: S3Store | None = None) -> TimerService:
     """The background pruning of ``pruneConfig``: a pass every ``frequency`` (default a day)."""
     criteria_for(settings, clock.seconds())
     store = removal_store(image_path)
-    service = TimerService(settings.frequency or _DEFAULT_FREQUENCY,
-                           lambda: Deferred.fromCoroutine(prune_pass(index, store, settings, clock, to_thread)))
+    service = TimerService(settings.frequency or _DEFAULT_FREQUENCY, lambda: Deferred.fromCoroutine(
+        prune_pass(index, store, settings, clock, to_thread, bucket)))
     service.clock = clock
     return service
 
@@ -270,6 +312,49 @@ def check(index: IndexConnection, store: BlobStore, repair: bool = False,
             problems.append(Problem(digest, "file", "not in the index"))
             if repair:
                 store.remove(digest)
+    return problems
+
+
+async def check_bucket(index: IndexConnection, s3: S3Store, repair: bool = False,
+                       settle: float = SETTLE_SECONDS) -> list[Problem]:
+    """Compare the index with the bucket's listing: rows without their object, and objects no row names.
+
+    Objects were verified before they were completed, so sizes are compared,
+    not digests.  What changed since the listing is looked at again before it
+    counts, and an object written in the last ``settle`` seconds (a download
+    about to record it) or under a download lease is left alone.  With
+    ``repair``, a row without its object goes (so it is fetched again) and an
+    object no row names is deleted.
+    """
+    problems = []
+    rows = index.stored_objects()
+    listed = {digest: entry for entry in await s3.list("blobs/")
+              if (digest := digest_for(entry.key)) is not None}
+    for digest, size, kind in rows:
+        entry = listed.get(digest)
+        if entry is not None and entry.size == size:
+            continue
+        found = await s3.stat(key_for(digest))
+        if found == size or index.stored_size(digest, kind) != size:
+            continue
+        problems.append(Problem(digest, kind, "missing" if found is None
+                                else f"has {found} bytes, the index says {size}"))
+        if repair:
+            if kind == "manifest":
+                index.forget_manifest(digest)
+            else:
+                index.forget_blob(digest)
+            if found is not None and not still_used(index, [digest]):
+                await s3.delete(key_for(digest))
+    settled = time.time() - settle
+    named = {digest for digest, _, _ in rows}
+    candidates = [digest for digest, entry in listed.items() if digest not in named and entry.modified <= settled]
+    used = still_used(index, candidates)
+    for digest in candidates:
+        if digest not in used:
+            problems.append(Problem(digest, "object", "not in the index"))
+            if repair:
+                await s3.delete(key_for(digest))
     return problems
 
 

@@ -4,7 +4,7 @@ The interface is as small as CNCF distribution's storage driver: ``stat``,
 ``open_range`` (a body delivered to a consumer with backpressure, the Range
 passed to the store), ``begin`` (a writer that uploads multipart parts as bytes
 arrive and completes the object only once its digest is verified), ``delete``,
-``presign_get`` for redirects, ``sweep_uploads`` for the uploads a crash left
+``presign_get`` for redirects, ``list`` for checks, ``sweep_uploads`` for the uploads a crash left
 behind, and ``check_bucket`` for start-up.
 
 botocore only signs (SigV4 headers, presigned URLs); requests travel through
@@ -73,10 +73,28 @@ class Upload:
     initiated: float
 
 
+@dataclass(frozen=True)
+class Listed:
+    """An object in the bucket: its key (without our prefix), size, and when it was last written."""
+
+    key: str
+    size: int
+    modified: float
+
+
 def key_for(digest: str) -> str:
     """The content-addressed key of a manifest or blob: ``blobs/<algorithm>/<encoded>``."""
     algorithm, _, encoded = digest.partition(":")
     return f"blobs/{algorithm}/{encoded}"
+
+
+def digest_for(key: str) -> str | None:
+    """The digest a content-addressed key names, or None for a key that is not one of ours."""
+    top, _, rest = key.partition("/")
+    algorithm, _, encoded = rest.partition("/")
+    if top != "blobs" or not algorithm or not encoded or "/" in encoded:
+        return None
+    return f"{algorithm}:{encoded}"
 
 
 class _Signer(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no type information
@@ -241,6 +259,24 @@ class S3Store:
                 return sorted(found, key=lambda upload: upload.initiated)
             markers = {"key-marker": root.findtext(_NS + "NextKeyMarker") or "",
                        "upload-id-marker": root.findtext(_NS + "NextUploadIdMarker") or ""}
+
+    async def list(self, prefix: str = "") -> list[Listed]:
+        """The objects whose keys (under our prefix) begin with ``prefix``, in key order."""
+        found: list[Listed] = []
+        token: dict[str, str] = {}
+        while True:
+            query = {"list-type": "2", "prefix": self.config.prefix + prefix, **token}
+            response = await self._call("GET", None, query=query, what="list objects")
+            root = _xml(await self._ok(response, "list objects"), "list objects")
+            for entry in root.iter(_NS + "Contents"):
+                modified = (entry.findtext(_NS + "LastModified") or "").replace("Z", "+00:00")
+                found.append(Listed((entry.findtext(_NS + "Key") or "").removeprefix(self.config.prefix),
+                                    int(entry.findtext(_NS + "Size") or 0),
+                                    datetime.fromisoformat(modified).timestamp()))
+            following = root.findtext(_NS + "NextContinuationToken")
+            if root.findtext(_NS + "IsTruncated") != "true" or not following:
+                return found
+            token = {"continuation-token": following}
 
     async def sweep_uploads(self, older_than: float) -> int:
         """Abort multipart uploads under our prefix begun more than ``older_than`` seconds ago.
