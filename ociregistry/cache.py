@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ociregistry.bucket import BucketStore
 from ociregistry.content import BlobSource, ContentStore, RemoteBlob
 from ociregistry.downloads import Downloads
 from ociregistry.errors import (
@@ -37,6 +38,7 @@ from ociregistry.grammar import check_digest, is_digest
 from ociregistry.index import Index, IndexConnection, ManifestRecord, utc
 from ociregistry.inflight import InFlight
 from ociregistry.manifests import IMAGE_TYPES, describe
+from ociregistry.s3 import S3Store
 from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
@@ -161,6 +163,11 @@ class Cache:
         await self._downloads.close()
         await self._upstream.close()
         await self._index.close()
+
+    @property
+    def bucket(self) -> S3Store | None:
+        """The bucket the content is in, for the prunes that delete what they remove; None on files."""
+        return self._store.s3 if isinstance(self._store, BucketStore) else None
 
     def totals(self) -> tuple[int, int, int]:
         """Cached manifests, blobs, and their bytes on disk (waiting for the index: for start-up)."""

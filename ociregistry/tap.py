@@ -635,10 +635,11 @@ def makeService(options: Options) -> IService:
         StreamServerEndpointService(endpoint(description), factory).setServiceParent(listeners)
     if config.admin_listen != "none":
         make_admin_service(index, config.image_path, config.admin_listen, reactor, reactor.stop,
-                           config.admin_token, config.client_limits()).setServiceParent(service)
+                           config.admin_token, config.client_limits(), cache.bucket).setServiceParent(service)
     if config.prune is not None and config.prune.enabled:
         make_prune_service(config.prune, index, config.image_path, reactor,
-                           partial(deferToThreadPool, reactor, reactor.getThreadPool())).setServiceParent(service)
+                           partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+                           cache.bucket).setServiceParent(service)
     if tls is not None:
         for description in config.tls_listen:
             factory = TLSMemoryBIOFactory(tls, False, site)

@@ -67,13 +67,39 @@ class ReplicaTests(WorkspaceTestCase):
         return path
 
     async def replica(self, name: str, registries: list[dict[str, Any]], secret: str | None = None,
-                      **s3: Any) -> Server:
+                      admin: str = "none", **s3: Any) -> Server:
         """Start one replica, with an image path of its own (its spool) and the shared settings."""
         port = free_port()
         config = self.replica_config(name, registries, port, **s3)
         return await start_server(self.path(f"spool-{name}"), test=self, port=port,
-                                  args=("--config-file", config, "--admin-listen", "none"),
+                                  args=("--config-file", config, "--admin-listen", admin),
                                   env={"OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key})
+
+    async def test_admin_prune_of_a_replica_deletes_the_objects(self) -> None:
+        """A prune through a replica's admin API removes the rows, then the image's objects from the bucket."""
+        image = make_image(b"pruned")
+        upstream = FakeRegistry()
+        upstream.add_image("team/old", "v1", image)
+        port, listening = await listen(upstream)
+        self.addCleanup(listening.stopListening)
+        registry = f"127.0.0.1:{port}"
+        admin_port = free_port()
+        a = await self.replica("a", [{"name": registry, "scheme": "http"}],
+                               admin=f"tcp:{admin_port}:interface=127.0.0.1")
+        web = WebClient()
+        self.addCleanup(web.close)
+        for digest, content in [(image.digest, image.manifest), *image.blobs.items()]:
+            kind = "manifests" if digest == image.digest else "blobs"
+            response = await web.client.get(f"{a.url}/v2/team/old/{kind}/{digest}?ns={registry}")
+            self.assertEqual(await response.content(), content)
+            await _until(lambda: self.s3.stat(key_for(digest)))
+        url = f"http://127.0.0.1:{admin_port}/cmd/prune?type=pattern&expr=team/old&dryRun=false&grace=0"
+        response = await web.client.delete(url)
+        text = (await response.content()).decode()
+        self.assertEqual(response.code, 200, text)
+        self.assertIn("removed 1 images", text)
+        for digest in [image.digest, *image.blobs]:
+            self.assertIsNone(await self.s3.stat(key_for(digest)), digest)
 
     async def test_pulled_through_one_replica_served_by_the_others(self) -> None:
         """An index of two platforms pulled through A is served by B and C, by tag and digest, with the upstream stopped."""
