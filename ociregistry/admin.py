@@ -17,9 +17,9 @@ import hmac
 import ipaddress
 import json
 import re
-from typing import Any, Callable, TypeAlias
-
+from collections.abc import Callable
 from functools import partial
+from typing import Any, TypeAlias
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
@@ -131,7 +131,7 @@ class AdminAPI(Resource):
             return NOT_DONE_YET
         return _body(request, query, answer)
 
-    def _on_thread(self, work: Callable[[IndexConnection], tuple[str, Any]]) -> "Deferred[tuple[str, Any]]":
+    def _on_thread(self, work: Callable[[IndexConnection], tuple[str, Any]]) -> Deferred[tuple[str, Any]]:
         """Work that reads or prunes the whole index, on a thread with a connection of its own."""
         return on_own_connection(self._index, self._to_thread, work)
 

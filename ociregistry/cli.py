@@ -19,10 +19,10 @@ from twisted.python import usage
 from ociregistry import __version__
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_duration, parse_size
 from ociregistry.downloads import BlobDownload
+from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
 from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
-from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.metrics import Metrics
 from ociregistry.migrate import Migration, MigrationProgress
 from ociregistry.prune import (

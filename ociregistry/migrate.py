@@ -177,7 +177,7 @@ class Migration:
             return f"content hashes to {e.actual}"
         return None
 
-    def _read(self, f: Any) -> "Deferred[bytes]":
+    def _read(self, f: Any) -> Deferred[bytes]:
         """The next chunk of a file, read on a thread so that uploads carry on meanwhile."""
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f.read, _CHUNK)
 

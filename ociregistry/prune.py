@@ -30,8 +30,9 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -116,7 +117,7 @@ def parse_cutoff(text: str, now: float) -> str:
 
 def local_time(stored: str) -> str:
     """An index time (UTC) shown in local time, in the form ``prune --created-before`` takes."""
-    moment = datetime.datetime.strptime(stored, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    moment = datetime.datetime.strptime(stored, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
     return moment.astimezone().strftime("%Y-%m-%dT%H:%M:%S")
 
 
@@ -197,12 +198,12 @@ def describe_removal(removal: Removal, dry_run: bool) -> list[str]:
     return lines
 
 
-def inline(function: Callable[..., T], *args: Any) -> "Deferred[T]":
+def inline(function: Callable[..., T], *args: Any) -> Deferred[T]:
     """Run work at once on the calling thread (where no thread is wanted, as in tests)."""
     return maybeDeferred(function, *args)
 
 
-def on_own_connection(index: Index, to_thread: ToThread, work: Callable[[IndexConnection], T]) -> "Deferred[T]":
+def on_own_connection(index: Index, to_thread: ToThread, work: Callable[[IndexConnection], T]) -> Deferred[T]:
     """Run ``work`` on a thread, with a connection of its own to the index (pull times written first).
 
     Long reads and prunes then never hold up the reactor; their writes wait
