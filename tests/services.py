@@ -39,7 +39,16 @@ from twisted.web.client import HTTPConnectionPool
 
 from ociregistry.s3 import _NS, S3Config, S3Store, _xml, key_for
 from tests.postgres_service import fresh_database
-from tests.realparts import Server, WorkspaceTestCase, _tail, free_port, sleep, start_server
+from tests.realparts import (
+    PROJECT_ROOT,
+    Server,
+    WorkspaceTestCase,
+    _tail,
+    free_port,
+    sleep,
+    start_server,
+    twistd_command,
+)
 
 # How long one daemon may take to come up, and one setup command to finish.
 START_TIMEOUT = 30.0
@@ -400,6 +409,21 @@ class ReplicaTestCase(WorkspaceTestCase):
         return await start_server(self.path(f"spool-{name}"), test=self, port=port,
                                   args=("--config-file", config, "--admin-listen", "none"),
                                   env={"OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key})
+
+
+    async def refused_at_start(self, name: str, secret: str | None = None) -> str:
+        """Run a replica that must refuse to start: it exits non-zero, saying why in one line (returned)."""
+        config = self.replica_config(name, [], 1)
+        env = {**os.environ, "OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key, "PYTHONPATH": PROJECT_ROOT}
+        command = twistd_command("ociregistry", "--image-path", self.path(f"spool-{name}"), "--listen",
+                                 "tcp:0:interface=127.0.0.1", "--config-file", config, "--admin-listen", "none")
+        done = await deferToThread(subprocess.run, command, env=env, capture_output=True, timeout=60)
+        output = (done.stdout + done.stderr).decode()
+        self.assertNotEqual(done.returncode, 0)
+        self.assertNotIn("Traceback", output)
+        lines = [line for line in output.splitlines() if "ociregistry:" in line]
+        self.assertEqual(len(lines), 1, output)
+        return lines[0]
 
 
 async def until(ask: Any, good: Any = lambda found: found is not None, limit: float = 20.0) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from typing import Any
 
@@ -19,7 +18,6 @@ import psycopg
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 
 from ociregistry.s3 import key_for
@@ -27,7 +25,6 @@ from tests.fakes import FakeRegistry, listen, make_image
 from tests.postgres_service import cluster
 from tests.realparts import (
     MIB,
-    PROJECT_ROOT,
     FaultyRelay,
     Server,
     ThrottledRelay,
@@ -37,7 +34,6 @@ from tests.realparts import (
     sleep,
     start_registry,
     start_relay,
-    twistd_command,
     upload_blob,
 )
 from tests.services import ReplicaTestCase, shared_cache_problems, until
@@ -235,14 +231,5 @@ class StartFaultTests(ReplicaTestCase):
     async def test_missing_bucket_exits_with_one_line(self) -> None:
         """A replica configured with a bucket that does not exist says so in one line and exits non-zero."""
         self.bucket = "r-missing-" + os.urandom(4).hex()
-        config = self.replica_config("missing", [], 1)
-        env = {**os.environ, "OCIREGISTRY_S3_SECRET": self.rgw.secret_key, "PYTHONPATH": PROJECT_ROOT}
-        command = twistd_command("ociregistry", "--image-path", self.path("spool"), "--listen",
-                                 "tcp:0:interface=127.0.0.1", "--config-file", config, "--admin-listen", "none")
-        done = await deferToThread(subprocess.run, command, env=env, capture_output=True, timeout=60)
-        output = (done.stdout + done.stderr).decode()
-        self.assertNotEqual(done.returncode, 0)
-        lines = [line for line in output.splitlines() if "ociregistry:" in line]
-        self.assertEqual(len(lines), 1, output)
-        self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: missing", lines[0])
-        self.assertNotIn("Traceback", output)
+        line = await self.refused_at_start("missing")
+        self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: missing", line)

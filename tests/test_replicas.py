@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from typing import Any
 
 import psycopg
 import treq
-from twisted.internet.threads import deferToThread
 
 from ociregistry.s3 import key_for
 from tests.fakes import Behaviour, FakeRegistry, listen, make_image
 from tests.realparts import (
-    PROJECT_ROOT,
     ThrottledRelay,
     WebClient,
     build_oci_index,
@@ -26,7 +23,6 @@ from tests.realparts import (
     skopeo_copy_all,
     sleep,
     start_registry,
-    twistd_command,
 )
 from tests.services import ReplicaTestCase
 from tests.services import until as _until
@@ -119,17 +115,8 @@ class ReplicaTests(ReplicaTestCase):
 
     async def test_wrong_secret_exits_with_one_line(self) -> None:
         """A replica whose S3 secret is wrong says so in one line and exits non-zero."""
-        config = self.replica_config("wrong", [], 1)
-        env = {**os.environ, "OCIREGISTRY_S3_SECRET": "not-the-secret", "PYTHONPATH": PROJECT_ROOT}
-        command = twistd_command("ociregistry", "--image-path", self.path("spool"), "--listen",
-                                 "tcp:0:interface=127.0.0.1", "--config-file", config, "--admin-listen", "none")
-        done = await deferToThread(subprocess.run, command, env=env, capture_output=True, timeout=60)
-        output = (done.stdout + done.stderr).decode()
-        self.assertNotEqual(done.returncode, 0)
-        lines = [line for line in output.splitlines() if "ociregistry:" in line]
-        self.assertEqual(len(lines), 1, output)
-        self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: wrong credentials", lines[0])
-        self.assertNotIn("Traceback", output)
+        line = await self.refused_at_start("wrong", "not-the-secret")
+        self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: wrong credentials", line)
 
     async def test_first_pull_streams_while_it_uploads(self) -> None:
         """The first client gets bytes while the blob still downloads and uploads; the object appears once complete."""
