@@ -209,7 +209,10 @@ class BucketStore:
             log.info("Aborted {swept} multipart uploads left by crashed replicas", swept=swept)
 
     def begin(self, digest: str, limit: int | None = None) -> BucketWriter:
-        """Start spooling and uploading content that must hash to ``digest``."""
+        """Start spooling and uploading content that must hash to ``digest``; StorageUnavailable while the bucket fails."""
+        if self._problem is not None:
+            # Refused before the client's first byte, rather than cut off once the first part fails.
+            raise StorageUnavailable(self._problem)
         spool = self._spool.begin(digest, limit)
         return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit))
 

@@ -1174,6 +1174,8 @@ class _RelayDown(Protocol):
 class ThrottledRelay:
     """A TCP relay to `target` that limits upstream-to-client bandwidth (shared) and counts bytes."""
 
+    protocol: type[_RelayDown] = _RelayDown
+
     def __init__(self, target: tuple[str, int], rate: float | None) -> None:
         self.target = target
         self.pacer = _Pacer(rate)
@@ -1194,7 +1196,7 @@ class ThrottledRelay:
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on `address:port` (0: a free port)."""
         self._port = await serverFromString(reactor, f"tcp:{port}:interface={address}").listen(
-            Factory.forProtocol(lambda: _RelayDown(self)))
+            Factory.forProtocol(lambda: self.protocol(self)))
         bound = self._port.getHost().port
         self.host = address if bound == 80 else f"{address}:{bound}"
 
@@ -1208,6 +1210,51 @@ class ThrottledRelay:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.open and time.monotonic() < deadline:
             await sleep(0.01)
+
+
+class _FaultyDown(_RelayDown):
+    """A client's connection to a faulty relay: while a fault is on, its bytes meet the fault."""
+
+    relay: FaultyRelay
+
+    def dataReceived(self, data: bytes) -> None:
+        fault = self.relay.fault
+        if fault is None:
+            self.relay.bytes_up += len(data)
+            super().dataReceived(data)
+        elif fault == "reset":
+            self.transport.abortConnection()
+        elif fault == "slow":
+            self.relay.bytes_up += len(data)
+            reactor.callLater(self.relay.delay, self._late, data)
+        elif self.transport.connected:
+            body = (f"<?xml version=\"1.0\"?><Error><Code>{_S3_FAULTS[fault][1]}</Code>"
+                    "<Message>injected</Message></Error>").encode()
+            self.transport.write(f"HTTP/1.1 {fault} {_S3_FAULTS[fault][0]}\r\nContent-Type: application/xml\r\n"
+                                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            self.transport.loseConnection()
+
+    def _late(self, data: bytes) -> None:
+        if self.up is not None and self.transport.connected:
+            super().dataReceived(data)
+
+
+# The answers a faulty relay gives in place of an S3 store: status, reason and S3 error code.
+_S3_FAULTS = {"500": ("Internal Server Error", "InternalError"), "503": ("Service Unavailable", "SlowDown")}
+
+
+class FaultyRelay(ThrottledRelay):
+    """A relay in front of an S3 store that, while ``fault`` is set, answers every request with
+    a 500 or 503 (``"500"``, ``"503"``), resets the connection (``"reset"``, also midway through
+    a body), or passes the client's bytes on ``delay`` seconds late (``"slow"``)."""
+
+    protocol = _FaultyDown
+
+    def __init__(self, target: tuple[str, int], delay: float = 1.0) -> None:
+        super().__init__(target, None)
+        self.fault: str | None = None
+        self.delay = delay
+        self.bytes_up = 0
 
 
 async def start_relay(registry: Registry, *, test: TestCase, rate: float | None,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import base64
 import ctypes
+import hashlib
+import json
 import os
 import random
 import secrets
@@ -26,16 +28,27 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+import psycopg
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 
-from ociregistry.s3 import S3Config
-from tests.realparts import _tail, free_port, sleep
+from ociregistry.s3 import _NS, S3Config, S3Store, _xml, key_for
+from tests.postgres_service import fresh_database
+from tests.realparts import (
+    PROJECT_ROOT,
+    Server,
+    WorkspaceTestCase,
+    _tail,
+    free_port,
+    sleep,
+    start_server,
+    twistd_command,
+)
 
 # How long one daemon may take to come up, and one setup command to finish.
 START_TIMEOUT = 30.0
@@ -359,3 +372,113 @@ ceph = Shared(start_ceph_rgw)
 async def ceph_rgw() -> CephRGW:
     """The test run's Ceph RGW, started by the first test that asks."""
     return await ceph.get()
+
+
+class ReplicaTestCase(WorkspaceTestCase):
+    """Replicas under twistd, on one fresh PostgreSQL database and one fresh Ceph RGW bucket."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        super().setUp()
+        self.rgw: CephRGW = await ceph_rgw()
+        self.database = fresh_database(self)
+        self.bucket = "r-" + secrets.token_hex(6)
+        self.s3 = S3Store(self.rgw.s3_config(self.bucket), reactor=reactor)
+        self.addCleanup(self.s3.close)
+        await self.s3.create_bucket()
+
+    def replica_config(self, name: str, registries: list[dict[str, Any]], port: int,
+                       database: str | None = None, **s3: Any) -> str:
+        """The replicas' shared settings, with this replica's advertiseUrl."""
+        path = self.path(f"config-{name}.yaml")
+        with open(path, "w") as f:
+            json.dump({
+                "index": {"postgresql": database or self.database},
+                "storage": {"s3": {"endpoint": self.rgw.endpoint, "bucket": self.bucket,
+                                   "region": self.rgw.region, "accessKey": self.rgw.access_key,
+                                   "secretKeyFromEnv": "OCIREGISTRY_S3_SECRET", **s3}},
+                "advertiseUrl": f"http://127.0.0.1:{port}",
+                "registries": registries,
+            }, f)
+        return path
+
+    async def replica(self, name: str, registries: list[dict[str, Any]], secret: str | None = None,
+                      database: str | None = None, admin: str = "none", **s3: Any) -> Server:
+        """Start one replica, with an image path of its own (its spool) and the shared settings."""
+        port = free_port()
+        config = self.replica_config(name, registries, port, database, **s3)
+        return await start_server(self.path(f"spool-{name}"), test=self, port=port,
+                                  args=("--config-file", config, "--admin-listen", admin),
+                                  env={"OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key})
+
+
+    async def refused_at_start(self, name: str, secret: str | None = None) -> str:
+        """Run a replica that must refuse to start: it exits non-zero, saying why in one line (returned)."""
+        config = self.replica_config(name, [], 1)
+        env = {**os.environ, "OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key, "PYTHONPATH": PROJECT_ROOT}
+        command = twistd_command("ociregistry", "--image-path", self.path(f"spool-{name}"), "--listen",
+                                 "tcp:0:interface=127.0.0.1", "--config-file", config, "--admin-listen", "none")
+        done = await deferToThread(subprocess.run, command, env=env, capture_output=True, timeout=60)
+        output = (done.stdout + done.stderr).decode()
+        self.assertNotEqual(done.returncode, 0)
+        self.assertNotIn("Traceback", output)
+        lines = [line for line in output.splitlines() if "ociregistry:" in line]
+        self.assertEqual(len(lines), 1, output)
+        return lines[0]
+
+
+async def until(ask: Any, good: Any = lambda found: found is not None, limit: float = 20.0) -> Any:
+    """Ask until the answer is good (or the time is up); the last answer."""
+    deadline = time.monotonic() + limit
+    while True:
+        found = await ask()
+        if good(found) or time.monotonic() > deadline:
+            return found
+        await sleep(0.2)
+
+
+async def bucket_objects(s3: S3Store) -> dict[str, int]:
+    """Every object under the store's prefix (ListObjectsV2, page by page): key without the prefix, and size."""
+    found: dict[str, int] = {}
+    token: dict[str, str] = {}
+    while True:
+        query = {"list-type": "2", "prefix": s3.config.prefix, **token}
+        response = await s3._call("GET", None, query=query, what="list objects")
+        root = _xml(await s3._ok(response, "list objects"), "list objects")
+        for item in root.iter(_NS + "Contents"):
+            key = (item.findtext(_NS + "Key") or "").removeprefix(s3.config.prefix)
+            found[key] = int(item.findtext(_NS + "Size") or 0)
+        if root.findtext(_NS + "IsTruncated") != "true":
+            return found
+        token = {"continuation-token": root.findtext(_NS + "NextContinuationToken") or ""}
+
+
+async def object_digest(s3: S3Store, key: str) -> str:
+    """The sha256 digest of an object's bytes, hashed as they arrive (never whole in memory)."""
+    digest = hashlib.sha256()
+    response = await treq.get(s3.presign_get(key, 300), pool=HTTPConnectionPool(reactor, persistent=False))
+    if response.code != 200:
+        await treq.content(response)
+        raise RuntimeError(f"GET {key}: {response.code}")
+    await treq.collect(response, digest.update)
+    return "sha256:" + digest.hexdigest()
+
+
+async def shared_cache_problems(s3: S3Store, database: str) -> list[str]:
+    """What is wrong with a shared cache: an object that does not hash to its key, an index row without its object."""
+    objects = await bucket_objects(s3)
+    problems = []
+    for key in sorted(objects):
+        algorithm, _, encoded = key.removeprefix("blobs/").partition("/")
+        if not key.startswith("blobs/") or algorithm != "sha256":
+            problems.append(f"{key}: not a content-addressed key")
+            continue
+        actual = await object_digest(s3, key)
+        if actual != f"{algorithm}:{encoded}":
+            problems.append(f"{key}: its bytes hash to {actual}")
+    with psycopg.connect(database) as db:
+        rows = db.execute("SELECT digest, size FROM blobs UNION ALL SELECT digest, size FROM manifests").fetchall()
+    for digest, size in rows:
+        if objects.get(key_for(digest)) != size:
+            problems.append(f"{digest}: an index row of {size} bytes, "
+                            f"and in the bucket {objects.get(key_for(digest), 'nothing')}")
+    return problems

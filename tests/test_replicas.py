@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
 import time
 from typing import Any
 
 import psycopg
 import treq
-from twisted.internet import reactor
-from twisted.internet.threads import deferToThread
 
-from ociregistry.s3 import S3Store, key_for
+from ociregistry.s3 import key_for
 from tests.fakes import Behaviour, FakeRegistry, listen, make_image
-from tests.postgres_service import fresh_database
 from tests.realparts import (
-    PROJECT_ROOT,
-    Server,
     ThrottledRelay,
     WebClient,
-    WorkspaceTestCase,
     build_oci_index,
     digest_of,
     free_port,
@@ -31,49 +23,16 @@ from tests.realparts import (
     skopeo_copy_all,
     sleep,
     start_registry,
-    start_server,
-    twistd_command,
 )
-from tests.services import CephRGW, ceph_rgw
+from tests.services import ReplicaTestCase
+from tests.services import until as _until
 from tests.test_integration import Puller
 
 MIB = 1024 * 1024
 
 
-class ReplicaTests(WorkspaceTestCase):
+class ReplicaTests(ReplicaTestCase):
     """Replicas under twistd, on one PostgreSQL database and one Ceph RGW bucket."""
-
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
-        self.rgw: CephRGW = await ceph_rgw()
-        self.database = fresh_database(self)
-        self.bucket = "r-" + secrets.token_hex(6)
-        self.s3 = S3Store(self.rgw.s3_config(self.bucket), reactor=reactor)
-        self.addCleanup(self.s3.close)
-        await self.s3.create_bucket()
-
-    def replica_config(self, name: str, registries: list[dict[str, Any]], port: int, **s3: Any) -> str:
-        """The replicas' shared settings, with this replica's advertiseUrl."""
-        path = self.path(f"config-{name}.yaml")
-        with open(path, "w") as f:
-            json.dump({
-                "index": {"postgresql": self.database},
-                "storage": {"s3": {"endpoint": self.rgw.endpoint, "bucket": self.bucket,
-                                   "region": self.rgw.region, "accessKey": self.rgw.access_key,
-                                   "secretKeyFromEnv": "OCIREGISTRY_S3_SECRET", **s3}},
-                "advertiseUrl": f"http://127.0.0.1:{port}",
-                "registries": registries,
-            }, f)
-        return path
-
-    async def replica(self, name: str, registries: list[dict[str, Any]], secret: str | None = None,
-                      admin: str = "none", **s3: Any) -> Server:
-        """Start one replica, with an image path of its own (its spool) and the shared settings."""
-        port = free_port()
-        config = self.replica_config(name, registries, port, **s3)
-        return await start_server(self.path(f"spool-{name}"), test=self, port=port,
-                                  args=("--config-file", config, "--admin-listen", admin),
-                                  env={"OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key})
 
     async def test_admin_prune_of_a_replica_deletes_the_objects(self) -> None:
         """A prune through a replica's admin API removes the rows, then the image's objects from the bucket."""
@@ -182,17 +141,8 @@ class ReplicaTests(WorkspaceTestCase):
 
     async def test_wrong_secret_exits_with_one_line(self) -> None:
         """A replica whose S3 secret is wrong says so in one line and exits non-zero."""
-        config = self.replica_config("wrong", [], 1)
-        env = {**os.environ, "OCIREGISTRY_S3_SECRET": "not-the-secret", "PYTHONPATH": PROJECT_ROOT}
-        command = twistd_command("ociregistry", "--image-path", self.path("spool"), "--listen",
-                                 "tcp:0:interface=127.0.0.1", "--config-file", config, "--admin-listen", "none")
-        done = await deferToThread(subprocess.run, command, env=env, capture_output=True, timeout=60)
-        output = (done.stdout + done.stderr).decode()
-        self.assertNotEqual(done.returncode, 0)
-        lines = [line for line in output.splitlines() if "ociregistry:" in line]
-        self.assertEqual(len(lines), 1, output)
-        self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: wrong credentials", lines[0])
-        self.assertNotIn("Traceback", output)
+        line = await self.refused_at_start("wrong", "not-the-secret")
+        self.assertIn(f"bucket {self.bucket} at {self.rgw.endpoint}: wrong credentials", line)
 
     async def test_first_pull_streams_while_it_uploads(self) -> None:
         """The first client gets bytes while the blob still downloads and uploads; the object appears once complete."""
@@ -346,12 +296,3 @@ class ReplicaTests(WorkspaceTestCase):
         self.assertIn("The bucket is failing", a.log_text())
         self.assertIn("The bucket answers again", a.log_text())
 
-
-async def _until(ask: Any, good: Any = lambda found: found is not None, limit: float = 20.0) -> Any:
-    """Ask until the answer is good (or the time is up); the last answer."""
-    deadline = time.monotonic() + limit
-    while True:
-        found = await ask()
-        if good(found) or time.monotonic() > deadline:
-            return found
-        await sleep(0.2)
