@@ -210,8 +210,15 @@ class BucketStore:
 
     def begin(self, digest: str, limit: int | None = None) -> BucketWriter:
         """Start spooling and uploading content that must hash to ``digest``."""
-        spool = self._spool.begin(digest, limit)
-        return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit))
+        return self.adopt(self._spool.begin(digest, limit), limit)
+
+    def relay(self, digest: str) -> Writer:
+        """A spool file only, for a blob another replica downloads and stores: hashed as it grows, never uploaded."""
+        return self._spool.begin(digest)
+
+    def adopt(self, spool: Writer, limit: int | None = None) -> BucketWriter:
+        """Upload a spool file to the bucket, what it holds already first, then the rest as it grows."""
+        return BucketWriter(spool, self.s3.begin(key_for(spool.digest), spool.digest, limit))
 
     async def open_blob(self, digest: str, size: int) -> BucketBlob:
         """The blob in the bucket, as the index recorded it (its bytes are asked for when sent)."""

@@ -89,7 +89,13 @@ class Cluster:
 
     async def start(self) -> int:
         """Drop the leases of this replica's previous life (it was killed), so no one waits for them; how many."""
-        dropped = await self.index.run(IndexConnection.release_downloads_of, self.url)
+        return self._dropped(await self.index.run(IndexConnection.release_downloads_of, self.url))
+
+    def start_blocking(self) -> int:
+        """As ``start``, at start-up before the replica listens, so that no claim of this life is dropped."""
+        return self._dropped(self.index.run_blocking(IndexConnection.release_downloads_of, self.url))
+
+    def _dropped(self, dropped: int) -> int:
         if dropped:
             log.info("Released {count} download leases left by this replica's previous run", count=dropped)
         return dropped
