@@ -40,7 +40,7 @@ from tests.test_integration import Puller
 MIB = 1024 * 1024
 
 
-class ReplicaTests(WorkspaceTestCase):
+class Replicas(WorkspaceTestCase):
     """Replicas under twistd, on one PostgreSQL database and one Ceph RGW bucket."""
 
     async def setUp(self) -> None:  # type: ignore[override]
@@ -67,13 +67,17 @@ class ReplicaTests(WorkspaceTestCase):
         return path
 
     async def replica(self, name: str, registries: list[dict[str, Any]], secret: str | None = None,
-                      **s3: Any) -> Server:
+                      args: tuple[str, ...] = (), **s3: Any) -> Server:
         """Start one replica, with an image path of its own (its spool) and the shared settings."""
         port = free_port()
         config = self.replica_config(name, registries, port, **s3)
         return await start_server(self.path(f"spool-{name}"), test=self, port=port,
-                                  args=("--config-file", config, "--admin-listen", "none"),
+                                  args=("--config-file", config, "--admin-listen", "none", *args),
                                   env={"OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key})
+
+
+class ReplicaTests(Replicas):
+    """What replicas share: the pulled content, redirects to the bucket, and what a failing bucket does."""
 
     async def test_pulled_through_one_replica_served_by_the_others(self) -> None:
         """An index of two platforms pulled through A is served by B and C, by tag and digest, with the upstream stopped."""

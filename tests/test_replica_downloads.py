@@ -1,0 +1,142 @@
+"""Replicas download each blob once between them, stream it to every client meanwhile, and take over a dead owner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import psycopg
+import treq
+from twisted.internet.defer import Deferred, DeferredList
+
+from ociregistry.s3 import key_for
+from tests.realparts import Registry, WebClient, log_settled, start_registry, start_relay, upload_blob
+from tests.test_replicas import MIB, Replicas, _until
+
+# Big enough that the download takes seconds through the throttled upstream (Ceph takes
+# about 130 MiB/s here), small enough that 16 clients' copies pass the test process quickly.
+BLOB_SIZE = 64 * MIB
+CLIENTS = 16
+
+
+class Received:
+    """One client's GET of the blob: when its first byte and its end came, and what its bytes hash to."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.done: float | None = None
+        self.code: int | None = None
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self._hash.hexdigest()}"
+
+    def get(self, web: WebClient, url: str) -> "Deferred[None]":
+        """GET the blob, hashing it as it comes."""
+        return Deferred.fromCoroutine(self._get(web, url))
+
+    async def _get(self, web: WebClient, url: str) -> None:
+        response = await web.client.get(url)
+        self.code = response.code
+
+        def received(data: bytes) -> None:
+            if self.first is None:
+                self.first = time.monotonic()
+            self.size += len(data)
+            self._hash.update(data)
+
+        await treq.collect(response, received)
+        self.done = time.monotonic()
+
+
+class ReplicaDownloadTests(Replicas):
+    """Three replicas, one upstream: distribution behind a relay that paces its blob bytes."""
+
+    async def upstream(self, rate: float, address: str) -> tuple[str, str, Registry]:
+        """A real registry holding one uncached blob, reached through a paced relay: (host, digest, registry)."""
+        registry = await start_registry(self.path("registry"), test=self, address="127.0.25.1")
+        digest = await upload_blob(registry, "team/app", os.urandom(BLOB_SIZE))
+        relay = await start_relay(registry, test=self, rate=rate, address=address)
+        return relay.host, digest, registry
+
+    async def test_one_upstream_get_streamed_to_every_client(self) -> None:
+        """16 concurrent GETs of one uncached blob over 3 replicas: one upstream GET, every client
+        gets bytes while it downloads, every body verifies, and one copy is stored."""
+        host, digest, registry = await self.upstream(32 * MIB, "127.0.25.2")
+        registries = [{"name": host, "scheme": "http"}]
+        replicas = [await self.replica(name, registries) for name in "abc"]
+        web = WebClient()
+        self.addCleanup(web.close)
+        clients = [Received() for _ in range(CLIENTS)]
+        started = time.monotonic()
+        await DeferredList([
+            client.get(web, f"{replicas[i % 3].url}/v2/team/app/blobs/{digest}?ns={host}")
+            for i, client in enumerate(clients)], fireOnOneErrback=True, consumeErrors=True)
+        wall = time.monotonic() - started
+        self.assertEqual({(c.code, c.size, c.digest) for c in clients}, {(200, BLOB_SIZE, digest)})
+        first = max(c.first for c in clients if c.first is not None) - started
+        ended = min(c.done for c in clients if c.done is not None) - started
+        # No client can end before the download is verified: each had bytes before any ended.
+        self.assertLess(first, ended)
+        await registry.settled()
+        self.assertEqual(registry.count_requests("GET", f"/blobs/{digest}"), 1)
+        self.assertEqual(await _until(lambda: self.s3.stat(key_for(digest))), BLOB_SIZE)
+        self.assertEqual(await self.s3.uploads(), [])
+        logs = [replica.log_text() for replica in replicas]
+        self.assertEqual(sum(text.count("Fetched blob ") for text in logs), 1)
+        self.assertEqual(sum(text.count("Streamed blob ") for text in logs), 2)
+        with psycopg.connect(self.database) as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM downloads").fetchone(), (0,))
+        print(f"\n{CLIENTS} clients, 3 replicas, {BLOB_SIZE // MIB} MiB: 1 upstream GET; last first byte "
+              f"{first:.2f} s, first end {ended:.2f} s, wall {wall:.2f} s")
+
+    async def test_killed_owner_is_taken_over(self) -> None:
+        """kill -9 of the replica downloading a blob: a client streaming it through another replica
+        still gets all of it once that replica takes over the expired lease; a retry is served too."""
+        host, digest, registry = await self.upstream(16 * MIB, "127.0.25.3")
+        registries = [{"name": host, "scheme": "http"}]
+        lease = ("--lease-seconds", "2")
+        a = await self.replica("a", registries, args=lease)
+        b = await self.replica("b", registries, args=lease)
+        web = WebClient()
+        self.addCleanup(web.close)
+        path = f"/v2/team/app/blobs/{digest}?ns={host}"
+        owner, follower = Received(), Received()
+        owning = owner.get(web, a.url + path)
+        owning.addErrback(lambda failure: None)
+        await _until(lambda: _now(owner.first))
+        following = follower.get(web, b.url + path)
+        await _until(lambda: _now(follower.first))
+        self.assertIn(f"owner=http://127.0.0.1:{a.port}", await _leases(self.database))
+        await a.kill()
+        killed = time.monotonic()
+        await following
+        recovered = time.monotonic() - killed
+        self.assertEqual((follower.code, follower.size, follower.digest), (200, BLOB_SIZE, digest))
+        retry = Received()
+        await retry.get(web, b.url + path)
+        self.assertEqual((retry.code, retry.digest), (200, digest))
+        await log_settled(b.log_path)
+        self.assertIn("Fetched blob ", b.log_text())
+        self.assertIn("claiming it again", b.log_text())
+        await registry.settled()
+        self.assertEqual(registry.count_requests("GET", f"/blobs/{digest}"), 2)
+        self.assertEqual(await _until(lambda: self.s3.stat(key_for(digest))), BLOB_SIZE)
+        # The lease expires, then the whole blob comes again at 16 MiB/s: bounded.
+        self.assertLess(recovered, 2 + 4 * BLOB_SIZE / (16 * MIB) + 5)
+        print(f"\nowner killed: the follower's client got all {BLOB_SIZE // MIB} MiB {recovered:.1f} s later")
+
+
+async def _now(value: object) -> object:
+    """A value as an answer to ask for until it is there."""
+    return value
+
+
+async def _leases(database: str) -> str:
+    """Who owns each download lease in the index."""
+    with psycopg.connect(database) as db:
+        rows = db.execute("SELECT owner FROM downloads").fetchall()
+    return " ".join(f"owner={owner}" for (owner,) in rows)
