@@ -14,9 +14,10 @@ from ociregistry.s3 import key_for
 from tests.realparts import Registry, WebClient, log_settled, start_registry, start_relay, upload_blob
 from tests.test_replicas import MIB, Replicas, _until
 
-# Big enough that the download takes seconds through the throttled upstream (Ceph takes
-# about 130 MiB/s here), small enough that 16 clients' copies pass the test process quickly.
-BLOB_SIZE = 64 * MIB
+# The download takes seconds through the paced upstream, so every client joins it while it runs.
+BLOB_SIZE = 256 * MIB
+# The blob a killed owner was downloading: it comes again whole, so smaller.
+TAKEN_OVER_SIZE = 64 * MIB
 CLIENTS = 16
 
 
@@ -55,17 +56,17 @@ class Received:
 class ReplicaDownloadTests(Replicas):
     """Three replicas, one upstream: distribution behind a relay that paces its blob bytes."""
 
-    async def upstream(self, rate: float, address: str) -> tuple[str, str, Registry]:
+    async def upstream(self, size: int, rate: float, address: str) -> tuple[str, str, Registry]:
         """A real registry holding one uncached blob, reached through a paced relay: (host, digest, registry)."""
         registry = await start_registry(self.path("registry"), test=self, address="127.0.25.1")
-        digest = await upload_blob(registry, "team/app", os.urandom(BLOB_SIZE))
+        digest = await upload_blob(registry, "team/app", os.urandom(size))
         relay = await start_relay(registry, test=self, rate=rate, address=address)
         return relay.host, digest, registry
 
     async def test_one_upstream_get_streamed_to_every_client(self) -> None:
         """16 concurrent GETs of one uncached blob over 3 replicas: one upstream GET, every client
         gets bytes while it downloads, every body verifies, and one copy is stored."""
-        host, digest, registry = await self.upstream(32 * MIB, "127.0.25.2")
+        host, digest, registry = await self.upstream(BLOB_SIZE, 64 * MIB, "127.0.25.2")
         registries = [{"name": host, "scheme": "http"}]
         replicas = [await self.replica(name, registries) for name in "abc"]
         web = WebClient()
@@ -96,7 +97,7 @@ class ReplicaDownloadTests(Replicas):
     async def test_killed_owner_is_taken_over(self) -> None:
         """kill -9 of the replica downloading a blob: a client streaming it through another replica
         still gets all of it once that replica takes over the expired lease; a retry is served too."""
-        host, digest, registry = await self.upstream(16 * MIB, "127.0.25.3")
+        host, digest, registry = await self.upstream(TAKEN_OVER_SIZE, 16 * MIB, "127.0.25.3")
         registries = [{"name": host, "scheme": "http"}]
         lease = ("--lease-seconds", "2")
         a = await self.replica("a", registries, args=lease)
@@ -115,7 +116,7 @@ class ReplicaDownloadTests(Replicas):
         killed = time.monotonic()
         await following
         recovered = time.monotonic() - killed
-        self.assertEqual((follower.code, follower.size, follower.digest), (200, BLOB_SIZE, digest))
+        self.assertEqual((follower.code, follower.size, follower.digest), (200, TAKEN_OVER_SIZE, digest))
         retry = Received()
         await retry.get(web, b.url + path)
         self.assertEqual((retry.code, retry.digest), (200, digest))
@@ -124,10 +125,10 @@ class ReplicaDownloadTests(Replicas):
         self.assertIn("claiming it again", b.log_text())
         await registry.settled()
         self.assertEqual(registry.count_requests("GET", f"/blobs/{digest}"), 2)
-        self.assertEqual(await _until(lambda: self.s3.stat(key_for(digest))), BLOB_SIZE)
+        self.assertEqual(await _until(lambda: self.s3.stat(key_for(digest))), TAKEN_OVER_SIZE)
         # The lease expires, then the whole blob comes again at 16 MiB/s: bounded.
-        self.assertLess(recovered, 2 + 4 * BLOB_SIZE / (16 * MIB) + 5)
-        print(f"\nowner killed: the follower's client got all {BLOB_SIZE // MIB} MiB {recovered:.1f} s later")
+        self.assertLess(recovered, 2 + 4 * TAKEN_OVER_SIZE / (16 * MIB) + 5)
+        print(f"\nowner killed: the follower's client got all {TAKEN_OVER_SIZE // MIB} MiB {recovered:.1f} s later")
 
 
 async def _now(value: object) -> object:
