@@ -34,7 +34,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
-from ociregistry.bucket import BucketStore
 from ociregistry.cluster import Cluster, Ours, Peer, open_from_peer
 from ociregistry.content import BlobSource, ContentStore, ContentWriter
 from ociregistry.errors import DigestMismatch as WrongContent
@@ -325,14 +324,14 @@ class Downloads:
         """Download as the cluster's owner of the blob, or relay the owner's download, taking it over if it dies."""
         cluster = self.cluster
         store = self._store
-        assert cluster is not None and isinstance(store, BucketStore), "a cluster shares a bucket"
+        assert cluster is not None
         digest = download.digest
         claim = await cluster.claim(registry, digest)
         for round in range(1, _ROUNDS + 1):
             if isinstance(claim, Ours):
                 # What a relay spooled before its owner died is uploaded first.
                 relayed = download.writer
-                download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)  # type: ignore[arg-type]
+                download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)
                 download.relayed_from = None
                 try:
                     await self._download(download, registry, repository)
@@ -354,7 +353,7 @@ class Downloads:
 
     async def _relay(self, download: BlobDownload, owner: Peer, registry: str, repository: str) -> None:
         """Stream the owner's download into a spool file of this replica's, and verify it; the owner stores it."""
-        assert self.cluster is not None and self._peers is not None and isinstance(self._store, BucketStore)
+        assert self.cluster is not None and self._peers is not None
         digest = download.digest
         response = await open_from_peer(self._peers, owner.url, registry, repository, digest, self.cluster.url)
         if download.writer is None:

@@ -163,6 +163,14 @@ class BlobStore:
             raise StorageFull(why)
         return Writer(self, digest, os.path.join(self._tmp, uuid.uuid4().hex), limit)
 
+    def relay(self, digest: str) -> Writer:
+        """A temporary file for a blob another replica stores: hashed as it grows, never committed here."""
+        return self.begin(digest)
+
+    def adopt(self, spool: Writer, limit: int | None = None) -> Writer:
+        """Store what a relay's temporary file holds and what follows: the file is committed by rename."""
+        return spool
+
     def identity(self, digest: str) -> tuple[int, int] | None:
         """Which file holds a digest now (device and inode), or None when there is none."""
         try:
