@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
+from typing import Any
 
 import psycopg
 import treq
 from twisted.internet.defer import Deferred, DeferredList
 
 from ociregistry.s3 import key_for
+from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image
 from tests.realparts import Registry, WebClient, log_settled, start_registry, start_relay, upload_blob
 from tests.test_replicas import MIB, Replicas, _until
 
@@ -129,6 +132,67 @@ class ReplicaDownloadTests(Replicas):
         # The lease expires, then the whole blob comes again at 16 MiB/s: bounded.
         self.assertLess(recovered, 2 + 4 * TAKEN_OVER_SIZE / (16 * MIB) + 5)
         print(f"\nowner killed: the follower's client got all {TAKEN_OVER_SIZE // MIB} MiB {recovered:.1f} s later")
+
+    async def test_owner_upstream_failure_reaches_every_client(self) -> None:
+        """An upstream answering 500 for a blob: the clients of every replica get a JSON 5xx, none waits for a lease."""
+        fake = FakeRegistry()
+        blob = os.urandom(MIB)
+        digest = digest_of(blob)
+        fake.blobs[digest] = blob
+        fake.behaviour[digest] = Behaviour(status=500)
+        port, listening = await listen(fake)
+        self.addCleanup(listening.stopListening)
+        registries = [{"name": f"127.0.0.1:{port}", "scheme": "http"}]
+        replicas = [await self.replica(name, registries) for name in "abc"]
+        web = WebClient()
+        self.addCleanup(web.close)
+        started = time.monotonic()
+        answers = await DeferredList([
+            Deferred.fromCoroutine(_answer(web, f"{replicas[i % 3].url}/v2/app/blobs/{digest}?ns=127.0.0.1:{port}"))
+            for i in range(6)], fireOnOneErrback=True, consumeErrors=True)
+        elapsed = time.monotonic() - started
+        for _, (code, answer) in answers:
+            self.assertGreaterEqual(code, 500)
+            self.assertEqual(answer["errors"][0]["code"], "UNAVAILABLE")
+        # Well within one 30 s lease: the owner's lease ends with its download.
+        self.assertLess(elapsed, 15)
+        with psycopg.connect(self.database) as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM downloads").fetchone(), (0,))
+        self.assertIsNone(await self.s3.stat(key_for(digest)))
+
+    async def test_cold_manifest_through_every_replica_at_once(self) -> None:
+        """One cold tag asked of 3 replicas at once, 4 clients each: every answer is the manifest, one row records it."""
+        fake = FakeRegistry()
+        image = make_image(os.urandom(2000))
+        fake.add_image("app", "v1", image)
+        port, listening = await listen(fake)
+        self.addCleanup(listening.stopListening)
+        registries = [{"name": f"127.0.0.1:{port}", "scheme": "http"}]
+        replicas = [await self.replica(name, registries) for name in "abc"]
+        web = WebClient()
+        self.addCleanup(web.close)
+
+        async def get(url: str) -> tuple[int, bytes, tuple[str, ...]]:
+            response = await web.client.get(url)
+            return (response.code, await response.content(),
+                    tuple(response.headers.getRawHeaders("docker-content-digest")))
+
+        answers = await DeferredList([
+            Deferred.fromCoroutine(get(f"{replicas[i % 3].url}/v2/app/manifests/v1?ns=127.0.0.1:{port}"))
+            for i in range(12)], fireOnOneErrback=True, consumeErrors=True)
+        self.assertEqual({answer for _, answer in answers}, {(200, image.manifest, (image.digest,))})
+        # Each replica fetches it at most once (coalesced within a replica, not across them).
+        self.assertLessEqual(fake.count("GET", "/manifests/"), 3)
+        with psycopg.connect(self.database) as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM manifests WHERE digest = %s",
+                                        (image.digest,)).fetchone(), (1,))
+        self.assertEqual(await _until(lambda: self.s3.stat(key_for(image.digest))), len(image.manifest))
+
+
+async def _answer(web: WebClient, url: str) -> tuple[int, Any]:
+    """A GET's status and its JSON body."""
+    response = await web.client.get(url)
+    return response.code, json.loads(await response.content())
 
 
 async def _now(value: object) -> object:
