@@ -327,13 +327,13 @@ class Downloads:
         assert cluster is not None
         digest = download.digest
         claim = await cluster.claim(registry, digest)
-        for round in range(1, _ROUNDS + 1):
+        for attempt in range(1, _ROUNDS + 1):
             if isinstance(claim, Ours):
-                # What a relay spooled before its owner died is uploaded first.
-                relayed = download.writer
-                download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)
-                download.relayed_from = None
                 try:
+                    # What a relay spooled before its owner died is uploaded first.
+                    relayed = download.writer
+                    download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)
+                    download.relayed_from = None
                     await self._download(download, registry, repository)
                 finally:
                     await self._release(cluster, registry, digest)
@@ -344,7 +344,7 @@ class Downloads:
             except CancelledError:
                 raise
             except Exception as e:
-                if round == _ROUNDS:
+                if attempt == _ROUNDS:
                     raise Unavailable(f"could not stream {digest} from the replica downloading it, "
                                       f"{claim.url}: {e}") from None
                 log.warn("Streaming {digest} from {peer} failed ({why}); claiming it again",
