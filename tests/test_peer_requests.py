@@ -1,4 +1,4 @@
-"""A request from another replica is answered from this replica's store or its own upstream download, never passed on."""
+"""A request from another replica is answered from this replica's store or own upstream download, never passed on."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Claims:
         self.claims: list[tuple[str, str]] = []
 
     async def claim(self, registry: str, digest: str) -> Ours | Peer:
+        """Record the claim; the other replica owns it."""
         self.claims.append((registry, digest))
         return Peer(OWNER, 2e9)
 
@@ -42,6 +43,7 @@ class SilentOwner:
         self.asked: list[bytes] = []
 
     def request(self, method: bytes, uri: bytes, headers: object = None, body: object = None) -> Deferred[object]:
+        """Record the URL; no answer ever comes."""
         self.asked.append(uri)
         return Deferred()
 
@@ -76,7 +78,8 @@ class PeerRequestTests(CacheOverStubs):
         return response.code, self.successResultOf(body)
 
     def test_peer_request_is_downloaded_here(self) -> None:
-        """A peer's request for an uncached blob is downloaded from upstream here, with no claim: never sent to the owner."""
+        """A peer's request for an uncached blob is downloaded from upstream here, without a claim:
+        it is never sent on to the owner."""
         self.assertEqual(self.get(peer=True), (200, self.content))
         self.assertEqual(self.cluster.claims, [])
         self.assertEqual(self.a.count("GET", self.digest), 1)
