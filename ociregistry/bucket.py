@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ociregistry.content import RemoteBlob
+from ociregistry.content import ContentWriter, RemoteBlob
 from ociregistry.errors import StorageUnavailable
 from ociregistry.s3 import MIB, ObjectBody, S3Store, S3Writer, key_for
 from ociregistry.store import BlobStore, DigestMismatch, Writer
@@ -213,8 +213,16 @@ class BucketStore:
         if self._problem is not None:
             # Refused before the client's first byte, rather than cut off once the first part fails.
             raise StorageUnavailable(self._problem)
-        spool = self._spool.begin(digest, limit)
-        return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit))
+        return self.adopt(self._spool.begin(digest, limit), limit)
+
+    def relay(self, digest: str) -> Writer:
+        """A spool file only, for a blob another replica downloads and stores: hashed as it grows, never uploaded."""
+        return self._spool.begin(digest)
+
+    def adopt(self, spool: ContentWriter, limit: int | None = None) -> BucketWriter:
+        """Upload a spool file to the bucket, what it holds already first, then the rest as it grows."""
+        assert isinstance(spool, Writer), "a relay spools to a file (relay)"
+        return BucketWriter(spool, self.s3.begin(key_for(spool.digest), spool.digest, limit))
 
     async def open_blob(self, digest: str, size: int) -> BucketBlob:
         """The blob in the bucket, as the index recorded it (its bytes are asked for when sent)."""

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ociregistry.bucket import BucketStore
+from ociregistry.cluster import Cluster
 from ociregistry.content import BlobSource, ContentStore, RemoteBlob
 from ociregistry.downloads import Downloads
 from ociregistry.errors import (
@@ -28,6 +29,7 @@ from ociregistry.errors import (
     ManifestUnknown,
     NotFound,
     OCIError,
+    ServiceUnavailable,
     Transient,
     blob_unknown,
     manifest_unknown,
@@ -151,6 +153,11 @@ class Cache:
         self._blob_heads: InFlight[tuple[str, str], int | None] = InFlight()
         self._stale: Marks[tuple[str, str, str]] = Marks(_STALE_MARKS)
         self._contents = ContentCache(_MANIFEST_MEMORY)
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """This replica's part in a cluster of replicas, or None when it is on its own."""
+        return self._downloads.cluster
 
     @property
     def store(self) -> ContentStore:
@@ -333,15 +340,22 @@ class Cache:
             await self._index.forget_blob(digest)
         return stored
 
-    async def blob(self, where: Where, digest: str) -> BlobSource | RemoteBlob:
-        """A blob to stream: on disk, or a download (joined or started) that has begun."""
+    async def blob(self, where: Where, digest: str, peer: bool = False) -> BlobSource | RemoteBlob:
+        """A blob to stream: on disk, or a download (joined or started) that has begun.
+
+        A ``peer`` (another replica) is answered only from the store or this
+        replica's own download from upstream, never from a relay, so that no
+        request goes round the replicas.
+        """
         stored = await self._stored_blob(digest)
         if stored is not None:
             return stored
         if self._freshness.air_gapped:
             raise air_gapped_error(blob_unknown(digest))
-        download = self._downloads.fetch(where.registry, where.repository, digest)
+        download = self._downloads.fetch(where.registry, where.repository, digest, peer)
         await download.started.observe()
+        if peer and download.relayed_from is not None:
+            raise ServiceUnavailable(f"this replica streams {digest} from {download.relayed_from}; ask it")
         return download
 
     async def blob_size(self, where: Where, digest: str) -> int | None:

@@ -56,7 +56,7 @@ class Ours:
 
     registry: str
     digest: str
-    lost: "Deferred[None]" = field(default_factory=Deferred)
+    lost: Deferred[None] = field(default_factory=Deferred)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,13 @@ class Cluster:
 
     async def start(self) -> int:
         """Drop the leases of this replica's previous life (it was killed), so no one waits for them; how many."""
-        dropped = await self.index.run(IndexConnection.release_downloads_of, self.url)
+        return self._dropped(await self.index.run(IndexConnection.release_downloads_of, self.url))
+
+    def start_blocking(self) -> int:
+        """As ``start``, at start-up before the replica listens, so that no claim of this life is dropped."""
+        return self._dropped(self.index.run_blocking(IndexConnection.release_downloads_of, self.url))
+
+    def _dropped(self, dropped: int) -> int:
         if dropped:
             log.info("Released {count} download leases left by this replica's previous run", count=dropped)
         return dropped
@@ -157,7 +163,7 @@ class Cluster:
         if keys:
             await self.index.run(IndexConnection.release_downloads, keys, self.url)
 
-    def service(self) -> "LeaseService":
+    def service(self) -> LeaseService:
         """The service that renews this replica's leases and releases them all when it stops."""
         return LeaseService(self)
 
@@ -170,7 +176,7 @@ class LeaseService(TimerService):
         self.clock = cluster.clock
         self._cluster = cluster
 
-    def stopService(self) -> "Deferred[None]":
+    def stopService(self) -> Deferred[None]:
         """Stop renewing, then release."""
         stopped: Deferred[None] = maybeDeferred(super().stopService)
         return stopped.addCallback(lambda _: Deferred.fromCoroutine(self._cluster.release_all()))

@@ -263,6 +263,13 @@ class FileSettings:
     advertise_url: str | None = None
 
 
+def http_url(url: str) -> str:
+    """An http:// or https:// URL of a host[:port] (no path), without its trailing slash; ValueError if not."""
+    if not _HTTP_URL.fullmatch(url):
+        raise ValueError(f"expected a URL like http://10.0.0.11:8080, got {_show(url)}")
+    return url.rstrip("/")
+
+
 def load_config_file(path: str, environ: Mapping[str, str] = os.environ) -> FileSettings:
     """Read and check a YAML configuration file (the Go server's current or original format)."""
     try:
@@ -586,9 +593,10 @@ class _Reader:
         url = self.text(entry)
         if url is None or entry is None:
             return None
-        if not _HTTP_URL.fullmatch(url):
-            raise self.bad(entry, f"expected a URL like http://10.0.0.11:8080, got {_show(url)}")
-        return url.rstrip("/")
+        try:
+            return http_url(url)
+        except ValueError as e:
+            raise self.bad(entry, str(e)) from None
 
     def storage(self, entry: _Entry | None) -> S3Settings | None:
         """``storage.s3``: the shared bucket; None keeps the files under the image path."""

@@ -135,6 +135,12 @@ class ContentStore(Protocol):
     def begin(self, digest: str, limit: int | None = None) -> ContentWriter:
         """Start writing content that must hash to ``digest``."""
 
+    def relay(self, digest: str) -> ContentWriter:
+        """A local temporary file for a blob another replica stores: hashed as it grows, never committed here."""
+
+    def adopt(self, spool: ContentWriter, limit: int | None = None) -> ContentWriter:
+        """Take over a relay's temporary file: what it holds is stored first, then what follows."""
+
     async def open_blob(self, digest: str, size: int) -> BlobSource | RemoteBlob | None:
         """A reader for stored content of a known size, or None when it is gone."""
 

@@ -12,16 +12,28 @@ responses) open that file and read what has been written so far, waiting for
 more as it arrives; when the digest is verified the file is renamed into
 place and the index row added.  Until then the last byte is held back, so a
 client never sees a clean end to bytes that turn out wrong.
+
+Replicas on one index and bucket (a Cluster) download each blob once between
+them: the in-flight download first claims the blob's lease.  The owner
+downloads from upstream and stores the blob; every other replica relays the
+owner's stream (cluster.py) into a spool file of its own, which its readers
+follow just the same, and checks the digest of what it relayed, but stores
+nothing: the owner does.  When the owner cannot be reached or its stream
+breaks, the relay claims again, and takes the download over once the owner's
+lease has expired; the bytes relayed so far stay, and are uploaded first.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 
+from ociregistry.cluster import Cluster, Ours, Peer, open_from_peer
 from ociregistry.content import BlobSource, ContentStore, ContentWriter
 from ociregistry.errors import DigestMismatch as WrongContent
 from ociregistry.errors import OCIError, ServiceUnavailable, Unavailable, blob_unknown
@@ -33,31 +45,42 @@ from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
 
+# How many times a relay starts again (from the owner, a new owner, or as the owner) before it gives up.
+_ROUNDS = 5
+
 
 class BlobDownload(BlobSource):
     """A blob being fetched from upstream into a temporary file."""
 
-    def __init__(self, digest: str, writer: ContentWriter) -> None:
+    def __init__(self, digest: str, writer: ContentWriter | None) -> None:
         self.digest = digest
         self.size = None
-        self._writer = writer
+        # With a cluster, the writer is chosen once the lease says who stores the blob.
+        self.writer = writer
+        # The replica whose download this one relays, or None when this one is from upstream.
+        self.relayed_from: str | None = None
         self._complete = False
         self._failure: Failure | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
         self.started: Observable[None] = Observable()
         self.finished: Observable[None] = Observable()
 
+    @property
+    def _writer(self) -> ContentWriter:
+        assert self.writer is not None, "readers join a download once it has begun"
+        return self.writer
+
     def open(self) -> int:
         return os.open(self._writer.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def available(self) -> int:
-        if self._failure is not None:
+        if self._failure is not None or self.writer is None:
             return 0
         if self._complete:
             return self._writer.size
         return max(0, self._writer.size - 1)
 
-    def wait_for(self, offset: int) -> "Deferred[None]":
+    def wait_for(self, offset: int) -> Deferred[None]:
         if self._failure is not None:
             return fail(self._failure)
         if self._complete or self.available() > offset:
@@ -67,11 +90,29 @@ class BlobDownload(BlobSource):
         return waiter
 
     def begin(self, size: int | None) -> None:
-        """The upstream answered: readers may send headers now."""
-        self.size = size
-        self.started.fire(None)
+        """The upstream (or the owner) answered: readers may send headers now; a source taking over says it again."""
+        if not self.started.fired:
+            self.size = size
+            self.started.fire(None)
 
-    def write(self, data: bytes) -> "Deferred[None] | None":
+    def sink(self, count: Callable[[int], object]) -> Callable[[bytes], Deferred[None] | None]:
+        """Where a source's body goes, each chunk counted: what an earlier source that broke wrote is skipped."""
+        skip = self._writer.size
+
+        def write(data: bytes) -> Deferred[None] | None:
+            nonlocal skip
+            count(len(data))
+            if skip:
+                taken = min(skip, len(data))
+                skip -= taken
+                data = data[taken:]
+                if not data:
+                    return None
+            return self.write(data)
+
+        return write
+
+    def write(self, data: bytes) -> Deferred[None] | None:
         """Store more bytes and wake the readers waiting for them; a Deferred says "pause until it fires"."""
         if self.size is not None and self._writer.size + len(data) > self.size:
             raise SizeExceeded(f"upstream sent more than {self.size} bytes for {self.digest}")
@@ -94,19 +135,39 @@ class BlobDownload(BlobSource):
         self._wake(None)
         return self.size
 
+    def verify(self) -> int:
+        """A relay is complete: check the digest of what it relayed; readers may then send the last byte.
+
+        Nothing is stored: the owner stores the blob.
+        """
+        if self.size is not None and self._writer.size != self.size:
+            raise Unavailable(f"{self.relayed_from} ended {self.digest} early")
+        actual = self._writer.actual_digest()  # type: ignore[attr-defined]
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual)
+        self._complete = True
+        self.size = self._writer.size
+        self._wake(None)
+        return self.size
+
     def release(self) -> None:
         """No new reader can join now: what only readers used may go (readers keep their descriptors)."""
-        self._writer.release()
+        if self.relayed_from is not None:
+            # A relay's spool file is all there is of it.
+            self._writer.abort()
+        else:
+            self._writer.release()
 
     def fail(self, failure: Failure) -> None:
         """Abandon the download; every reader and waiter gets the failure."""
-        self._writer.abort()
+        if self.writer is not None:
+            self.writer.abort()
         self._failure = failure
         if not self.started.fired:
             self.started.fire(failure)
         self._wake(failure)
 
-    def _wake(self, result: None | Failure) -> None:
+    def _wake(self, result: Failure | None) -> None:
         waiters, self._waiters = self._waiters, []
         for _, waiter in waiters:
             if isinstance(result, Failure):
@@ -132,7 +193,12 @@ class Downloads:
         upstream: Upstream,
         metrics: Metrics,
         prefetch_concurrency: int = 3,
+        cluster: Cluster | None = None,
+        peers: IAgent | None = None,
     ) -> None:
+        # With a cluster (replicas sharing the index and a bucket), ``peers`` reaches the other replicas.
+        self.cluster = cluster
+        self._peers = peers
         self._metrics = metrics
         self._store = store
         self._index = index
@@ -150,15 +216,19 @@ class Downloads:
         """The download in progress of a digest from a registry, if any."""
         return self._running.get((registry, digest))
 
-    def fetch(self, registry: str, repository: str, digest: str) -> BlobDownload:
-        """Join the download of a blob from a registry, starting it if it is not running."""
+    def fetch(self, registry: str, repository: str, digest: str, peer: bool = False) -> BlobDownload:
+        """Join the download of a blob from a registry, starting it if it is not running.
+
+        For a ``peer`` (another replica relaying this one) a download started
+        here is from upstream, never from a replica in turn.
+        """
         key = (registry, digest)
         download = self._running.get(key)
         if download is None:
-            # Here a download is about to start: the one place to ask whether another node has it.
-            download = BlobDownload(digest, self._store.begin(digest))
+            claims = self.cluster is not None and not peer
+            download = BlobDownload(digest, None if claims else self._store.begin(digest))
             self._running[key] = download
-            task = Deferred.fromCoroutine(self._run(download, registry, repository))
+            task = Deferred.fromCoroutine(self._run(download, registry, repository, claims))
             if key in self._running:
                 self._tasks[key] = task
         return download
@@ -182,14 +252,14 @@ class Downloads:
         for job in jobs:
             job.addBoth(self._prefetched, registry, slots)
 
-    def _prefetched(self, result: None | Failure, registry: str, slots: DeferredSemaphore) -> None:
+    def _prefetched(self, result: Failure | None, registry: str, slots: DeferredSemaphore) -> None:
         # Registries are named by clients: forget the slots of one with nothing left to fetch.
         if slots.tokens == slots.limit and not slots.waiting and self._prefetches.get(registry) is slots:
             del self._prefetches[registry]
         if isinstance(result, Failure):
             log.failure("Prefetch from {registry} failed", result, registry=registry)
 
-    def _prefetch_one(self, registry: str, repository: str, digest: str) -> "Deferred[None]":
+    def _prefetch_one(self, registry: str, repository: str, digest: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._prefetch(registry, repository, digest))
 
     async def _prefetch(self, registry: str, repository: str, digest: str) -> None:
@@ -202,26 +272,15 @@ class Downloads:
         waiting.addErrback(lambda failure: None)
         await waiting
 
-    async def _run(self, download: BlobDownload, registry: str, repository: str) -> None:
+    async def _run(self, download: BlobDownload, registry: str, repository: str, claims: bool) -> None:
         digest = download.digest
         key = (registry, digest)
-        result: None | Failure = None
+        result: Failure | None = None
         try:
-            response = await self._upstream.open_blob(registry, repository, digest)
-            length = response.length
-            download.begin(length if isinstance(length, int) else None)
-            fetched = self._metrics.bytes_fetched.labels(registry)
-
-            def write(data: bytes) -> "Deferred[None] | None":
-                fetched.inc(len(data))
-                return download.write(data)
-
-            await self._upstream.read_body(response, write, registry)
-            # If another registry's download of this digest committed first, this commit
-            # renames identical verified bytes over its file, and the index keeps one row.
-            size = await download.commit(self._index, self._store)
-            log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
-                     digest=digest, size=size, registry=registry, repository=repository)
+            if claims:
+                await self._claimed(download, registry, repository)
+            else:
+                await self._download(download, registry, repository)
         except UpstreamNotFound:
             result = Failure(blob_unknown(digest))
         except CancelledError:
@@ -245,3 +304,73 @@ class Downloads:
             download.release()
         download.finished.fire(result)
 
+
+    async def _download(self, download: BlobDownload, registry: str, repository: str) -> None:
+        """Download from upstream, verify, store and record."""
+        digest = download.digest
+        response = await self._upstream.open_blob(registry, repository, digest)
+        length = response.length
+        download.begin(length if isinstance(length, int) else None)
+        fetched = self._metrics.bytes_fetched.labels(registry)
+        await self._upstream.read_body(response, download.sink(fetched.inc), registry)
+        # If another registry's download of this digest committed first, this commit
+        # renames identical verified bytes over its file, and the index keeps one row.
+        size = await download.commit(self._index, self._store)
+        log.info("Fetched blob {digest} ({size} bytes) from {registry}/{repository}",
+                 digest=digest, size=size, registry=registry, repository=repository)
+
+    async def _claimed(self, download: BlobDownload, registry: str, repository: str) -> None:
+        """Download as the cluster's owner of the blob, or relay the owner's download, taking it over if it dies."""
+        cluster = self.cluster
+        store = self._store
+        assert cluster is not None
+        digest = download.digest
+        claim = await cluster.claim(registry, digest)
+        for attempt in range(1, _ROUNDS + 1):
+            if isinstance(claim, Ours):
+                try:
+                    # What a relay spooled before its owner died is uploaded first.
+                    relayed = download.writer
+                    download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)
+                    download.relayed_from = None
+                    await self._download(download, registry, repository)
+                finally:
+                    await self._release(cluster, registry, digest)
+                return
+            try:
+                await self._relay(download, claim, registry, repository)
+                return
+            except CancelledError:
+                raise
+            except Exception as e:
+                if attempt == _ROUNDS:
+                    raise Unavailable(f"could not stream {digest} from the replica downloading it, "
+                                      f"{claim.url}: {e}") from None
+                log.warn("Streaming {digest} from {peer} failed ({why}); claiming it again",
+                         digest=digest, peer=claim.url, why=str(e) or type(e).__name__)
+            claim = await cluster.claim_after(registry, digest, claim)
+
+    async def _relay(self, download: BlobDownload, owner: Peer, registry: str, repository: str) -> None:
+        """Stream the owner's download into a spool file of this replica's, and verify it; the owner stores it."""
+        assert self.cluster is not None and self._peers is not None
+        digest = download.digest
+        response = await open_from_peer(self._peers, owner.url, registry, repository, digest, self.cluster.url)
+        if download.writer is None:
+            download.writer = self._store.relay(digest)
+        download.relayed_from = owner.url
+        length = response.length
+        download.begin(length if isinstance(length, int) else None)
+        await self._upstream.read_body(response, download.sink(lambda count: None), owner.url)
+        size = download.verify()
+        log.info("Streamed blob {digest} ({size} bytes) from {peer}, which stores it",
+                 digest=digest, size=size, peer=owner.url)
+
+    async def _release(self, cluster: Cluster, registry: str, digest: str) -> None:
+        """End this replica's lease of a download; an index that cannot answer leaves it to expire."""
+        try:
+            await cluster.release(registry, digest)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("Releasing the download lease of {digest} failed ({why}); it expires unrenewed",
+                     digest=digest, why=str(e))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ociregistry.content import StoredBlob
+from ociregistry.content import ContentWriter, StoredBlob
 from ociregistry.errors import InsufficientStorage
 
 log = Logger()
@@ -162,6 +162,14 @@ class BlobStore:
         if why is not None:
             raise StorageFull(why)
         return Writer(self, digest, os.path.join(self._tmp, uuid.uuid4().hex), limit)
+
+    def relay(self, digest: str) -> Writer:
+        """A temporary file for a blob another replica stores: hashed as it grows, never committed here."""
+        return self.begin(digest)
+
+    def adopt(self, spool: ContentWriter, limit: int | None = None) -> ContentWriter:
+        """Store what a relay's temporary file holds and what follows: the file is committed by rename."""
+        return spool
 
     def identity(self, digest: str) -> tuple[int, int] | None:
         """Which file holds a digest now (device and inode), or None when there is none."""

@@ -23,12 +23,15 @@ from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 
 from ociregistry import __version__, logs
 from ociregistry.admin import DEFAULT_LISTEN, make_admin_service, read_token
 from ociregistry.allowlist import Allowlist, HostLookups, host_of
+from ociregistry.bucket import BucketStore
 from ociregistry.cache import Cache, Freshness
+from ociregistry.cluster import LEASE_SECONDS, Cluster
 from ociregistry.config import (
     ConfigError,
     FileSettings,
@@ -37,10 +40,12 @@ from ociregistry.config import (
     S3Settings,
     ServerTLSSettings,
     api_host,
+    http_url,
     load_config_file,
     parse_duration,
     parse_size,
 )
+from ociregistry.content import ContentStore
 from ociregistry.credentials import CREDENTIALS_VARIABLE, RUST_CREDENTIALS_VARIABLE, credentials_from_environment
 from ociregistry.downloads import Downloads
 from ociregistry.errors import OCIError, StorageUnavailable
@@ -50,10 +55,8 @@ from ociregistry.load import host_platform, make_preload_service
 from ociregistry.logs import LEVELS
 from ociregistry.metrics import Metrics
 from ociregistry.prune import make_prune_service, unindexed
-from ociregistry.site import ClientLimits, LimitedSite
-from ociregistry.bucket import BucketStore
-from ociregistry.content import ContentStore
 from ociregistry.s3 import S3Store
+from ociregistry.site import ClientLimits, LimitedSite
 from ociregistry.store import BlobStore, CacheUnusable
 from ociregistry.threads import WorkerThreads
 from ociregistry.tls import ServerTLS
@@ -117,6 +120,8 @@ class ServerConfig:
     storage: S3Settings | None = None
     # How the other replicas reach this one (advertiseUrl).
     advertise_url: str | None = None
+    # How long a replica's lease of a download lasts unless it renews it.
+    lease_seconds: float = LEASE_SECONDS
 
     def client_limits(self) -> ClientLimits:
         """What each client connection may take."""
@@ -180,6 +185,10 @@ class Options(usage.Options):
         ["health", None, None, "Also serve /health on this port."],
         ["index-url", None, None, "Keep the index in PostgreSQL, shared by replicas: postgresql://user@host:port/db "
          "[index.postgresql; default: index.db under the image path]."],
+        ["advertise-url", None, None, "How the other replicas reach this one, http(s)://host:port; with "
+         "index.postgresql and storage.s3 the replicas download each blob once between them [advertiseUrl]."],
+        ["lease-seconds", None, str(int(LEASE_SECONDS)), "How long a replica's claim to download a blob lasts "
+         "unless it renews it: another replica takes over this long after the owner died."],
         ["metrics", None, None, "Serve /metrics on this port instead of the main listener."],
         ["log-level", None, None, "error, warn, info or debug [default: info]."],
         ["log-file", None, None, "Write the log here instead of standard output."],
@@ -230,6 +239,16 @@ def _choose(given: str | None, from_file: Any, default: Any) -> Any:
     if given is not None:
         return given
     return from_file if from_file is not None else default
+
+
+def _advertise_url(given: str | None, from_file: str | None) -> str | None:
+    """The advertised URL, the command line's first, checked as the advertiseUrl key is."""
+    if given is None:
+        return from_file
+    try:
+        return http_url(given)
+    except ValueError as e:
+        raise usage.UsageError(f"--advertise-url: {e}") from None
 
 
 def _seconds(option: str, value: Any, allow_never: bool = False) -> float:
@@ -368,7 +387,8 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
         image_path=os.path.abspath(image_path),
         index_url=index_url,
         storage=settings.storage,
-        advertise_url=settings.advertise_url,
+        advertise_url=_advertise_url(options["advertise-url"], settings.advertise_url),
+        lease_seconds=_seconds("lease-seconds", options["lease-seconds"]),
         tls_listen=tls_listen,
         server_tls=server_tls,
         health_listen=None if health is None else _tcp("--health", health, host),
@@ -559,7 +579,13 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
         name_resolver=lookups,
     )
     freshness = Freshness(config.tag_ttl, config.always_pull_latest, config.air_gapped)
-    downloads = Downloads(store, index, upstream, metrics)
+    cluster = None
+    peers = None
+    if isinstance(store, BucketStore) and config.advertise_url is not None:
+        # Shared index and bucket, and a URL the others reach this one at: one download per blob between them.
+        cluster = Cluster(index, config.advertise_url, reactor, config.lease_seconds)
+        peers = Agent(reactor, connectTimeout=config.connect_timeout, pool=HTTPConnectionPool(reactor))
+    downloads = Downloads(store, index, upstream, metrics, cluster=cluster, peers=peers)
     metrics.track_downloads(lambda: len(downloads))
     cache = Cache(index, store, upstream, downloads, reactor, freshness)
     return cache, index, swept
@@ -652,6 +678,11 @@ def makeService(options: Options) -> IService:
     store = cache.store
     if isinstance(store, BucketStore):
         BucketService(store).setServiceParent(service)
+    cluster = cache.cluster
+    if cluster is not None:
+        cluster.start_blocking()
+        # Renews the leases while downloads run; at shutdown releases them, so others take over at once.
+        cluster.service().setServiceParent(service)
     if swept:
         log.info("Removed {swept} unfinished downloads left by the last run", swept=swept)
     return service

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from ociregistry.allowlist import lookups_on_behalf_of
 from ociregistry.cache import Cache
+from ociregistry.cluster import PEER_HEADER
 from ociregistry.content import BlobSource, RemoteBlob, StoredBlob
 from ociregistry.downloads import BlobDownload
 from ociregistry.errors import (
@@ -337,10 +338,12 @@ class RegistryAPI(Resource):
                 request.setHeader(b"Content-Length", str(size).encode("ascii"))
             request.finish()
             return
-        source = await self._cache.blob(where, digest)
+        # Another replica relaying this one's download: answered here, with the bytes themselves.
+        peer = request.getHeader(PEER_HEADER) is not None
+        source = await self._cache.blob(where, digest, peer)
         self._source(request, where, "miss" if isinstance(source, BlobDownload) else "hit")
         size = source.size
-        location = source.redirect() if isinstance(source, RemoteBlob) else None
+        location = source.redirect() if isinstance(source, RemoteBlob) and not peer else None
         if location is not None:
             # The store serves the blob itself, Range and all, to whoever has the URL for a while.
             request.setResponseCode(307)

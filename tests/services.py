@@ -402,12 +402,13 @@ class ReplicaTestCase(WorkspaceTestCase):
         return path
 
     async def replica(self, name: str, registries: list[dict[str, Any]], secret: str | None = None,
-                      database: str | None = None, admin: str = "none", **s3: Any) -> Server:
+                      database: str | None = None, admin: str = "none", args: tuple[str, ...] = (),
+                      **s3: Any) -> Server:
         """Start one replica, with an image path of its own (its spool) and the shared settings."""
         port = free_port()
         config = self.replica_config(name, registries, port, database, **s3)
         return await start_server(self.path(f"spool-{name}"), test=self, port=port,
-                                  args=("--config-file", config, "--admin-listen", admin),
+                                  args=("--config-file", config, "--admin-listen", admin, *args),
                                   env={"OCIREGISTRY_S3_SECRET": secret or self.rgw.secret_key})
 
 

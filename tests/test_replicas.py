@@ -60,6 +60,7 @@ class ReplicaTests(ReplicaTestCase):
         for digest in [image.digest, *image.blobs]:
             self.assertIsNone(await self.s3.stat(key_for(digest)), digest)
 
+
     async def test_pulled_through_one_replica_served_by_the_others(self) -> None:
         """An index of two platforms pulled through A is served by B and C, by tag and digest, with the upstream stopped."""
         image = build_oci_index(self.path("oci"), layer_sizes=(12 * MIB + 5, 3000))
