@@ -165,7 +165,7 @@ class FakeCache:
     def __init__(self, blob: RemoteBlob) -> None:
         self._blob = blob
 
-    async def blob(self, where: Any, digest: str) -> RemoteBlob:
+    async def blob(self, where: Any, digest: str, peer: bool = False) -> RemoteBlob:
         return self._blob
 
 
