@@ -257,7 +257,11 @@ class Downloads:
         if slots.tokens == slots.limit and not slots.waiting and self._prefetches.get(registry) is slots:
             del self._prefetches[registry]
         if isinstance(result, Failure):
-            log.failure("Prefetch from {registry} failed", result, registry=registry)
+            if result.check(OCIError):
+                # A failure named for what went wrong (the index or the store is down) needs no traceback.
+                log.warn("Prefetch from {registry} failed: {why}", registry=registry, why=result.getErrorMessage())
+            else:
+                log.failure("Prefetch from {registry} failed", result, registry=registry)
 
     def _prefetch_one(self, registry: str, repository: str, digest: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._prefetch(registry, repository, digest))

@@ -127,9 +127,9 @@ class StorageOptionsTests(SynchronousTestCase):
                          ("ociregistry", "http://10.0.0.11:8080"))
 
     def test_file_commands_refuse_a_bucket(self) -> None:
-        """check, load and import-go-cache work on files only: with storage.s3 they refuse, saying why."""
+        """load and import-go-cache work on files only: with storage.s3 they refuse, saying why."""
         path = self.write(STORAGE)
-        for argv in (["check", "--repair"], ["load", path], ["import-go-cache", "--from", "/"]):
+        for argv in (["load", path], ["import-go-cache", "--from", "/"]):
             err = io.StringIO()
             self.patch(sys, "stderr", err)
             self.assertEqual(main([*argv, "--config-file", path]), 1)
