@@ -62,8 +62,11 @@ class Podman:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        # podman refuses a runroot path longer than 50 characters, so it is kept short
+        # whatever TMPDIR says.
+        self.runroot = tempfile.mkdtemp(prefix="ocireg-", dir="/tmp")
         self.flags = ["--root", os.path.join(directory, "root"),
-                      "--runroot", os.path.join(directory, "runroot"),
+                      "--runroot", self.runroot,
                       "--storage-driver", "overlay", "--runtime", "runc",
                       "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
 
@@ -84,6 +87,7 @@ class Podman:
             subprocess.run([podman, *self.flags, *args], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
         shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 @dataclass(frozen=True)

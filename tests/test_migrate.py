@@ -13,13 +13,10 @@ import sys
 import time
 
 import psycopg
-from twisted.internet import reactor
 
-from ociregistry.s3 import S3Store, key_for
-from tests.postgres_service import fresh_database
+from ociregistry.s3 import key_for
 from tests.realparts import (
     PROJECT_ROOT,
-    WorkspaceTestCase,
     build_oci_index,
     push,
     skopeo_copy_all,
@@ -27,24 +24,15 @@ from tests.realparts import (
     start_registry,
     start_server,
 )
-from tests.services import CephRGW, ceph_rgw
+from tests.services import ReplicaTestCase
 from tests.test_integration import Puller
 from tests.test_load import run_cli
 
 MIB = 1024 * 1024
 
 
-class MigrateTests(WorkspaceTestCase):
+class MigrateTests(ReplicaTestCase):
     """A cache built on files by a single-node server, moved into a shared index and bucket."""
-
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
-        self.rgw: CephRGW = await ceph_rgw()
-        self.database = fresh_database(self)
-        self.bucket = "m-" + secrets.token_hex(6)
-        self.s3 = S3Store(self.rgw.s3_config(self.bucket), reactor=reactor)
-        self.addCleanup(self.s3.close)
-        await self.s3.create_bucket()
 
     def shared_config(self, registries: list[dict[str, str]], **extra: object) -> str:
         """The replicas' configuration file: the test database and bucket."""
