@@ -3,7 +3,9 @@
 Manifest fetches are coalesced by (registry, repository, reference), blob
 downloads and HEADs by (registry, digest), so concurrent clients cause one
 upstream request, and a client never waits on another registry than the one it
-named.  Content already verified on disk is shared by digest.
+named.  Content already verified on disk is shared by digest.  Replicas in a
+cluster coalesce manifest fetches and blob downloads between them too
+(cluster.py): one replica fetches, the others ask it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ociregistry.bucket import BucketStore
-from ociregistry.cluster import Cluster
+from ociregistry.cluster import Cluster, Peer, PeerNotFound, manifest_subject, open_from_peer
 from ociregistry.content import BlobSource, ContentStore, RemoteBlob
 from ociregistry.downloads import Downloads
 from ociregistry.errors import (
@@ -31,6 +33,7 @@ from ociregistry.errors import (
     OCIError,
     ServiceUnavailable,
     Transient,
+    Unavailable,
     blob_unknown,
     manifest_unknown,
     name_unknown,
@@ -149,6 +152,8 @@ class Cache:
         self._clock = clock
         self._freshness = freshness
         self._manifest_fetches: InFlight[tuple[str, str, str], Manifest] = InFlight()
+        # The fetches this replica gets from the replica that leads them, and from which one.
+        self._following: dict[tuple[str, str, str], str] = {}
         # Per registry, like downloads: see downloads.py for why not per repository too.
         self._blob_heads: InFlight[tuple[str, str], int | None] = InFlight()
         self._stale: Marks[tuple[str, str, str]] = Marks(_STALE_MARKS)
@@ -188,26 +193,41 @@ class Cache:
         """None when the index is readable and the image path writable, else the problem."""
         return self._index.readable() or self._store.writable()
 
-    async def manifest(self, where: Where, reference: str) -> Manifest:
-        """A manifest by tag or digest, fetched and stored on a miss, revalidated when stale."""
+    async def manifest(self, where: Where, reference: str, peer: bool = False) -> Manifest:
+        """A manifest by tag or digest, fetched and stored on a miss, revalidated when stale.
+
+        A ``peer`` (another replica, which found this one leading the fetch)
+        is answered from this replica's own fetch, never from another replica.
+        """
         if is_digest(reference):
-            found = await self._cached_manifest(await self._index.manifest(reference))
+            found = await self._cached_manifest_by_digest(reference)
             if found is None:
-                found = await self._fetch(where, reference)
+                found = await self._fetch(where, reference, peer)
         else:
-            found = await self._tagged(where, reference)
+            found = await self._tagged(where, reference, peer)
         self._index.record_pull(found.record.digest)
         return found
 
-    async def _tagged(self, where: Where, tag: str) -> Manifest:
-        found = await self._index.tag(where.registry, where.repository, tag)
-        cached = await self._cached_manifest(found[0] if found else None)
-        if cached is not None and found and (self._freshness.air_gapped or self._fresh(where, tag, found[1])):
+    async def _tagged(self, where: Where, tag: str, peer: bool) -> Manifest:
+        cached, fresh = await self._tag_lookup(where, tag)
+        if cached is not None and fresh:
             return cached
         if self._freshness.air_gapped:
             raise air_gapped_error(manifest_unknown(tag))
-        key = (where.registry, where.repository, tag)
-        return await self._manifest_fetches.run(key, lambda: self._resolve_tag(where, tag, cached))
+
+        async def fresh_now() -> Manifest | None:
+            again, fresh = await self._tag_lookup(where, tag)
+            return again if fresh else None
+
+        return await self._coalesced(where, tag, lambda: self._resolve_tag(where, tag, cached), peer, fresh_now)
+
+    async def _tag_lookup(self, where: Where, tag: str) -> tuple[Manifest | None, bool]:
+        """The manifest a tag points at in the cache, if any, and whether the tag is fresh."""
+        found = await self._index.tag(where.registry, where.repository, tag)
+        cached = await self._cached_manifest(found[0] if found else None)
+        fresh = cached is not None and found is not None and (
+            self._freshness.air_gapped or self._fresh(where, tag, found[1]))
+        return cached, fresh
 
     def _fresh(self, where: Where, tag: str, confirmed: str) -> bool:
         """Whether a tag confirmed upstream at ``confirmed`` (as the index writes times) is still fresh."""
@@ -233,7 +253,7 @@ class Cache:
                     raise manifest_unknown(tag) from None
                 raise ManifestUnknown("the upstream no longer has this tag") from None
             if digest is None or not _verifiable(digest):
-                found = await self._fetch(where, tag, tag)
+                found = await self._fetch_manifest(where, tag, tag)
             else:
                 found = await self._point(where, tag, digest, cached)
         except OCIError as e:
@@ -257,9 +277,11 @@ class Cache:
         if cached is not None and digest == cached.record.digest:
             found: Manifest | None = cached
         else:
-            found = await self._cached_manifest(await self._index.manifest(digest))
+            found = await self._cached_manifest_by_digest(digest)
         if found is None or not await self._index.point_tag(where.registry, where.repository, tag, digest):
-            found = await self._fetch(where, digest, tag)
+            # Within the tag's fetch, which this replica leads: coalesced here, claimed by the tag.
+            found = await self._manifest_fetches.run((where.registry, where.repository, digest),
+                                                     lambda: self._fetch_manifest(where, digest, tag))
             # A fetch joined by digest may have recorded no tag.  Should a prune take the
             # manifest yet again, the answer stands and the tag is recorded on the next pull.
             await self._index.point_tag(where.registry, where.repository, tag, digest)
@@ -281,13 +303,68 @@ class Cache:
         log.debug("Serving manifest {digest} from cache", digest=record.digest)
         return Manifest(record, content, "hit")
 
-    async def _fetch(self, where: Where, reference: str, tag: str | None = None) -> Manifest:
+    async def _fetch(self, where: Where, digest: str, peer: bool) -> Manifest:
+        """A manifest by digest from upstream (or the replica fetching it)."""
         if self._freshness.air_gapped:
-            raise air_gapped_error(manifest_unknown(reference))
+            raise air_gapped_error(manifest_unknown(digest))
+        return await self._coalesced(where, digest, lambda: self._fetch_manifest(where, digest, None), peer,
+                                     lambda: self._cached_manifest_by_digest(digest))
+
+    async def _cached_manifest_by_digest(self, digest: str) -> Manifest | None:
+        """The cached manifest of a digest, if any."""
+        return await self._cached_manifest(await self._index.manifest(digest))
+
+    def _coalesced(self, where: Where, reference: str, fetch: Callable[[], Coroutine[Any, Any, Manifest]],
+                   peer: bool, cached: Callable[[], Awaitable[Manifest | None]]) -> Deferred[Manifest]:
+        """Run a manifest fetch once in this replica, and with a cluster once across the replicas.
+
+        A replica that gets the lease first asks ``cached`` for what another
+        replica may have fetched since this one looked.  A peer's request
+        joins this replica's fetch or starts one that claims nothing: the
+        peer asks because this replica leads the fetch, or did.  It is
+        refused while this replica follows another for it, so that no two
+        replicas wait on each other.
+        """
         key = (where.registry, where.repository, reference)
-        if tag is not None and reference == tag:
-            return await self._fetch_manifest(where, reference, tag)
-        return await self._manifest_fetches.run(key, lambda: self._fetch_manifest(where, reference, tag))
+        cluster = self.cluster
+        if peer and key in self._following:
+            raise ServiceUnavailable(f"this replica gets {reference} from {self._following[key]}; ask it")
+        if cluster is None or peer:
+            return self._manifest_fetches.run(key, fetch)
+
+        async def lead() -> Manifest:
+            return await cached() or await fetch()
+
+        async def follow(owner: Peer) -> Manifest:
+            self._following[key] = owner.url
+            try:
+                return await self._from_peer(where, reference, owner)
+            finally:
+                del self._following[key]
+
+        return self._manifest_fetches.run(key, lambda: cluster.lead_or_follow(
+            where.registry, manifest_subject(where.repository, reference), lead, follow,
+            f"manifest {reference} of {where}"))
+
+    async def _from_peer(self, where: Where, reference: str, owner: Peer) -> Manifest:
+        """The manifest as the replica leading its fetch answers it, once that one has it in the shared index."""
+        cluster, peers = self.cluster, self._downloads.peers
+        assert cluster is not None and peers is not None
+        try:
+            response = await open_from_peer(peers, owner.url, where.registry, where.repository, "manifests",
+                                            reference, cluster.url)
+        except PeerNotFound:
+            raise manifest_unknown(reference) from None
+        content = await self._upstream.read_manifest(response, owner.url)
+        named = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0].decode("latin-1")
+        if not _verifiable(named) or _digest(content, named.partition(":")[0]) != named or (
+                is_digest(reference) and reference != named):
+            raise Unavailable(f"{owner.url} answered {reference} with content that is not {named or 'named'}")
+        record = await self._index.manifest(named)
+        if record is None:
+            raise Unavailable(f"{owner.url} answered {reference} with {named}, which the index does not hold")
+        self._contents.put(named, content)
+        return Manifest(record, content, "peer")
 
     async def _fetch_manifest(self, where: Where, reference: str, tag: str | None) -> Manifest:
         log.info("Pulling manifest {reference} from upstream {where}", reference=reference, where=str(where))
@@ -298,7 +375,7 @@ class Cache:
         except UpstreamNotFound:
             raise manifest_unknown(reference) from None
         algorithm = reference.partition(":")[0] if is_digest(reference) else "sha256"
-        digest = f"{algorithm}:{hashlib.new(algorithm, content).hexdigest()}"
+        digest = _digest(content, algorithm)
         if is_digest(reference) and digest != reference:
             raise DigestMismatch(f"upstream sent a manifest that does not match {reference}")
         if header_digest and header_digest.startswith(f"{algorithm}:") and header_digest != digest:
@@ -409,6 +486,11 @@ def _page(tags: list[str], query: dict[str, str]) -> tuple[list[str], bool]:
         count = int(query["n"])
         return tags[:count], len(tags) > count
     return tags, False
+
+
+def _digest(content: bytes, algorithm: str) -> str:
+    """The digest of a content by an algorithm hashlib knows."""
+    return f"{algorithm}:{hashlib.new(algorithm, content).hexdigest()}"
 
 
 def _verifiable(digest: str) -> bool:

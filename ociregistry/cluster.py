@@ -1,12 +1,16 @@
-"""Replicas sharing one index: which replica downloads each blob, and how the others stream it from that one.
+"""Replicas sharing one index: which replica fetches each blob and manifest, and how the others get it from that one.
 
-A download is owned by one replica at a time across the cluster: a lease row
+A fetch is owned by one replica at a time across the cluster: a lease row
 in the index's ``downloads`` table names the owner by its advertise URL and
 ends at an expiry that the owner pushes forward every third of the lease
-while it downloads.  Every other replica that wants the blob meanwhile
+while it fetches.  Every other replica that wants the blob meanwhile
 streams it from the owner through the owner's ordinary
 ``/v2/<repository>/blobs/<digest>?ns=<registry>`` API: the owner is then a
 chained mirror, which streams its in-flight download to any client already.
+Manifests go the same way through ``/v2/<repository>/manifests/<reference>``,
+leased by ``manifest_subject`` (a repository and a tag or digest) where
+blobs are leased by digest: the owner answers once the manifest is in the
+shared index, so its answer is the shared cache's.
 
 Takeover: when the owner cannot be reached, or its stream breaks, the
 follower claims again.  It gets the download only once the lease has expired
@@ -24,7 +28,9 @@ from __future__ import annotations
 import calendar
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -35,15 +41,25 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ociregistry.bodies import discard
+from ociregistry.errors import NotFound, Unavailable
 from ociregistry.index import Index, IndexBusy, IndexConnection, IndexUnavailable
 
 log = Logger()
+
+T = TypeVar("T")
 
 # How long a download's lease lasts unless its owner renews it.
 LEASE_SECONDS = 30.0
 # Sent with a request to a peer, naming the replica asking: the peer must answer it
 # from its own download or upstream, never by asking another replica in turn.
 PEER_HEADER = b"X-Ociregistry-Peer"
+# How many times a follower starts again (from the owner, a new owner, or as the owner) before it gives up.
+ROUNDS = 5
+
+
+def manifest_subject(repository: str, reference: str) -> str:
+    """What a manifest fetch is leased as, beside blobs' digests (which never hold an "@")."""
+    return f"{repository}@{reference}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +85,10 @@ class Peer:
 
 class PeerRefused(Exception):
     """A peer URL that is not plain http(s) to a host, or a peer that answered other than 200."""
+
+
+class PeerNotFound(PeerRefused):
+    """The peer answered 404: its upstream does not have it."""
 
 
 class Cluster:
@@ -124,6 +144,44 @@ class Cluster:
             if isinstance(result, Ours) or result.url != failed.url or result.expires > failed.expires:
                 return result
             await deferLater(self.clock, max(0.0, result.expires - self.clock.seconds()), lambda: None)
+
+    async def lead_or_follow(self, registry: str, subject: str, lead: Callable[[], Awaitable[T]],
+                             follow: Callable[[Peer], Awaitable[T]], what: str) -> T:
+        """Fetch ``subject`` once across the cluster: ``lead`` if this replica gets the lease, else ``follow`` the owner.
+
+        The lease is released when ``lead`` ends.  When following fails (the
+        owner cannot be reached, or its stream breaks), this claims again,
+        taking the fetch over once the owner's lease has expired; a NotFound
+        is the answer, not a failure.
+        """
+        claim = await self.claim(registry, subject)
+        for attempt in range(1, ROUNDS + 1):
+            if isinstance(claim, Ours):
+                try:
+                    return await lead()
+                finally:
+                    await self._release_quietly(registry, subject)
+            try:
+                return await follow(claim)
+            except (CancelledError, NotFound):
+                raise
+            except Exception as e:
+                if attempt == ROUNDS:
+                    raise Unavailable(f"could not get {what} from the replica fetching it, {claim.url}: {e}") from None
+                log.warn("Getting {what} from {peer} failed ({why}); claiming it again",
+                         what=what, peer=claim.url, why=str(e) or type(e).__name__)
+            claim = await self.claim_after(registry, subject, claim)
+        raise AssertionError("unreachable")
+
+    async def _release_quietly(self, registry: str, subject: str) -> None:
+        """End this replica's lease; an index that cannot answer leaves it to expire."""
+        try:
+            await self.release(registry, subject)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("Releasing the lease of {subject} failed ({why}); it expires unrenewed",
+                     subject=subject, why=str(e))
 
     async def renew(self) -> None:
         """Extend every lease this replica holds; one found taken over fires its ``lost``.  Errors are logged."""
@@ -182,30 +240,32 @@ class LeaseService(TimerService):
         return stopped.addCallback(lambda _: Deferred.fromCoroutine(self._cluster.release_all()))
 
 
-def peer_blob_url(peer: str, registry: str, repository: str, digest: str) -> bytes:
-    """The URL of a blob in a peer's ``/v2/`` API; PeerRefused unless the peer's URL is http(s) to a host."""
+def peer_url(peer: str, registry: str, repository: str, kind: str, reference: str) -> bytes:
+    """The URL of ``blobs`` or ``manifests`` in a peer's ``/v2/`` API; PeerRefused unless the peer's URL is http(s) to a host."""
     parts = urllib.parse.urlsplit(peer)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise PeerRefused(f"not an http(s) replica URL: {peer!r}")
     quote = urllib.parse.quote
-    path = f"{parts.path.rstrip('/')}/v2/{quote(repository)}/blobs/{quote(digest, safe=':')}"
+    path = f"{parts.path.rstrip('/')}/v2/{quote(repository)}/{kind}/{quote(reference, safe=':')}"
     query = urllib.parse.urlencode({"ns": registry})
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, "")).encode("ascii")
 
 
-async def open_from_peer(agent: IAgent, peer: str, registry: str, repository: str, digest: str,
+async def open_from_peer(agent: IAgent, peer: str, registry: str, repository: str, kind: str, reference: str,
                          own_url: str) -> IResponse:
-    """Start streaming a blob from the replica downloading it: its 200 response, the body not yet read.
+    """Start getting a blob or manifest from the replica fetching it: its 200 response, the body not yet read.
 
-    The body arrives as the peer receives it (deliver it to a consumer that
-    paces the connection, as bodies.py does).  A connection error is the
-    agent's; any other answer than 200 is PeerRefused, its body dropped.
+    A blob's body arrives as the peer receives it (deliver it to a consumer
+    that paces the connection, as bodies.py does).  A connection error is
+    the agent's; a 404 is PeerNotFound and any other answer than 200 is
+    PeerRefused, its body dropped.
     """
-    url = peer_blob_url(peer, registry, repository, digest)
+    url = peer_url(peer, registry, repository, kind, reference)
     response: IResponse = await agent.request(b"GET", url, Headers({PEER_HEADER: [own_url.encode("utf-8")]}))
     if response.code != 200:
         discard(response)
-        raise PeerRefused(f"{peer} answered {response.code} for {digest}")
+        refused = PeerNotFound if response.code == 404 else PeerRefused
+        raise refused(f"{peer} answered {response.code} for {reference}")
     return response
 
 

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
-from ociregistry.cluster import Cluster, Ours, Peer, open_from_peer
+from ociregistry.cluster import Cluster, Peer, PeerNotFound, open_from_peer
 from ociregistry.content import BlobSource, ContentStore, ContentWriter
 from ociregistry.errors import DigestMismatch as WrongContent
 from ociregistry.errors import OCIError, ServiceUnavailable, Unavailable, blob_unknown
@@ -44,9 +44,6 @@ from ociregistry.store import DigestMismatch, SizeExceeded
 from ociregistry.upstream import Upstream, UpstreamNotFound
 
 log = Logger()
-
-# How many times a relay starts again (from the owner, a new owner, or as the owner) before it gives up.
-_ROUNDS = 5
 
 
 class BlobDownload(BlobSource):
@@ -212,6 +209,11 @@ class Downloads:
     def __len__(self) -> int:
         return len(self._running)
 
+    @property
+    def peers(self) -> IAgent | None:
+        """What reaches the other replicas, with a cluster."""
+        return self._peers
+
     def running(self, registry: str, digest: str) -> BlobDownload | None:
         """The download in progress of a digest from a registry, if any."""
         return self._running.get((registry, digest))
@@ -326,39 +328,29 @@ class Downloads:
     async def _claimed(self, download: BlobDownload, registry: str, repository: str) -> None:
         """Download as the cluster's owner of the blob, or relay the owner's download, taking it over if it dies."""
         cluster = self.cluster
-        store = self._store
         assert cluster is not None
         digest = download.digest
-        claim = await cluster.claim(registry, digest)
-        for attempt in range(1, _ROUNDS + 1):
-            if isinstance(claim, Ours):
-                try:
-                    # What a relay spooled before its owner died is uploaded first.
-                    relayed = download.writer
-                    download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)
-                    download.relayed_from = None
-                    await self._download(download, registry, repository)
-                finally:
-                    await self._release(cluster, registry, digest)
-                return
-            try:
-                await self._relay(download, claim, registry, repository)
-                return
-            except CancelledError:
-                raise
-            except Exception as e:
-                if attempt == _ROUNDS:
-                    raise Unavailable(f"could not stream {digest} from the replica downloading it, "
-                                      f"{claim.url}: {e}") from None
-                log.warn("Streaming {digest} from {peer} failed ({why}); claiming it again",
-                         digest=digest, peer=claim.url, why=str(e) or type(e).__name__)
-            claim = await cluster.claim_after(registry, digest, claim)
+
+        async def lead() -> None:
+            # What a relay spooled before its owner died is uploaded first.
+            relayed = download.writer
+            download.writer = self._store.begin(digest) if relayed is None else self._store.adopt(relayed)
+            download.relayed_from = None
+            await self._download(download, registry, repository)
+
+        await cluster.lead_or_follow(registry, digest, lead,
+                                     lambda owner: self._relay(download, owner, registry, repository),
+                                     f"blob {digest}")
 
     async def _relay(self, download: BlobDownload, owner: Peer, registry: str, repository: str) -> None:
         """Stream the owner's download into a spool file of this replica's, and verify it; the owner stores it."""
         assert self.cluster is not None and self._peers is not None
         digest = download.digest
-        response = await open_from_peer(self._peers, owner.url, registry, repository, digest, self.cluster.url)
+        try:
+            response = await open_from_peer(self._peers, owner.url, registry, repository, "blobs", digest,
+                                            self.cluster.url)
+        except PeerNotFound:
+            raise blob_unknown(digest) from None
         if download.writer is None:
             download.writer = self._store.relay(digest)
         download.relayed_from = owner.url
@@ -368,13 +360,3 @@ class Downloads:
         size = download.verify()
         log.info("Streamed blob {digest} ({size} bytes) from {peer}, which stores it",
                  digest=digest, size=size, peer=owner.url)
-
-    async def _release(self, cluster: Cluster, registry: str, digest: str) -> None:
-        """End this replica's lease of a download; an index that cannot answer leaves it to expire."""
-        try:
-            await cluster.release(registry, digest)
-        except CancelledError:
-            raise
-        except Exception as e:
-            log.warn("Releasing the download lease of {digest} failed ({why}); it expires unrenewed",
-                     digest=digest, why=str(e))

@@ -96,12 +96,16 @@ class Upstream:
             "GET", registry, repository, f"manifests/{reference}", accept=_ACCEPT_MANIFESTS
         )
         await self._check(response, registry)
+        content = await self.read_manifest(response, registry)
+        return content, header(response, b"content-type"), header(response, b"docker-content-digest")
+
+    async def read_manifest(self, response: IResponse, source: str) -> bytes:
+        """A manifest's body, from an upstream or a peer; TooLarge past the manifest size limit."""
         limit = self.max_manifest_size
         if isinstance(response.length, int) and response.length > limit:
-            await self._transport.discard(response, registry)
-            raise _too_large(registry, limit)
-        content = await self._transport.content(response, registry, limit, lambda: _too_large(registry, limit))
-        return content, header(response, b"content-type"), header(response, b"docker-content-digest")
+            await self._transport.discard(response, source)
+            raise _too_large(source, limit)
+        return await self._transport.content(response, source, limit, lambda: _too_large(source, limit))
 
     async def manifest_digest(self, registry: str, repository: str, tag: str) -> str | None:
         """The digest a tag points at upstream, from one HEAD (Docker Hub does not count HEADs)."""

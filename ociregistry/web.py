@@ -320,7 +320,7 @@ class RegistryAPI(Resource):
 
     async def _manifest(self, request: RegistryRequest, route: Route, where: Upstream) -> None:
         check_reference(route.reference)
-        record, content, source = await self._cache.manifest(where, route.reference)
+        record, content, source = await self._cache.manifest(where, route.reference, _from_peer(request))
         self._source(request, where, source)
         request.setHeader(b"Docker-Content-Digest", record.digest.encode("ascii"))
         request.setHeader(b"ETag", f'"{record.digest}"'.encode("ascii"))
@@ -338,8 +338,7 @@ class RegistryAPI(Resource):
                 request.setHeader(b"Content-Length", str(size).encode("ascii"))
             request.finish()
             return
-        # Another replica relaying this one's download: answered here, with the bytes themselves.
-        peer = request.getHeader(PEER_HEADER) is not None
+        peer = _from_peer(request)
         source = await self._cache.blob(where, digest, peer)
         self._source(request, where, "miss" if isinstance(source, BlobDownload) else "hit")
         size = source.size
@@ -416,6 +415,11 @@ class RegistryAPI(Resource):
         log.failure("Unexpected error answering {path}", failure, path=request.uri)
         if not request.startedWriting and not request.finished:
             _send_error(request, Internal("internal error; see the server log"))
+
+
+def _from_peer(request: RegistryRequest) -> bool:
+    """Whether another replica asks, to relay what this one fetches: answered here, with the content itself."""
+    return request.getHeader(PEER_HEADER) is not None
 
 
 def _first(values: list[bytes] | None) -> str | None:

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from treq import content
 from treq.testing import RequestTraversalAgent
 
-from ociregistry.cluster import PEER_HEADER, Cluster, Ours, Peer, PeerRefused, open_from_peer, peer_blob_url
+from ociregistry.cluster import PEER_HEADER, Cluster, Ours, Peer, PeerRefused, open_from_peer, peer_url
 from ociregistry.config import PruneSettings
 from ociregistry.index import PRUNE_LOCK, Index, IndexConnection, Reference, utc
 from ociregistry.postgres import PostgresEngine
@@ -231,17 +231,17 @@ class PeerTests(SynchronousTestCase):
 
     def test_url(self) -> None:
         """The peer's base path is kept and the registry is the ``ns`` parameter; other schemes are refused."""
-        self.assertEqual(peer_blob_url("https://peer:8443/cache/", "quay.io", "team/app", BLOB),
+        self.assertEqual(peer_url("https://peer:8443/cache/", "quay.io", "team/app", "blobs", BLOB),
                          f"https://peer:8443/cache/v2/team/app/blobs/{BLOB}?ns=quay.io".encode())
         for url in ("file:///etc/passwd", "ftp://peer/", "http:///v2", "gopher://x", "http://peer/?a=b", "peer:80"):
-            self.assertRaises(PeerRefused, peer_blob_url, url, "quay.io", "team/app", BLOB)
+            self.assertRaises(PeerRefused, peer_url, url, "quay.io", "team/app", "blobs", BLOB)
 
     def test_streams_before_the_end(self) -> None:
         """The response comes with the bytes the peer has sent so far; the request names the asking replica."""
         blob = _Blob()
         agent = RequestTraversalAgent(blob)
         response = self.successResultOf(Deferred.fromCoroutine(
-            open_from_peer(agent, "http://peer", "quay.io", "team/app", BLOB, A)))
+            open_from_peer(agent, "http://peer", "quay.io", "team/app", "blobs", BLOB, A)))
         self.assertEqual(response.code, 200)
         (request,) = blob.requests
         self.assertEqual(request.args, {b"ns": [b"quay.io"]})
@@ -259,10 +259,10 @@ class PeerTests(SynchronousTestCase):
         blob = _Blob()
         agent = RequestTraversalAgent(blob)
         failure = self.failureResultOf(Deferred.fromCoroutine(
-            open_from_peer(agent, "http://peer", "quay.io", "missing", BLOB, A)))
+            open_from_peer(agent, "http://peer", "quay.io", "missing", "blobs", BLOB, A)))
         failure.trap(PeerRefused)
         self.failureResultOf(Deferred.fromCoroutine(
-            open_from_peer(agent, "file:///", "quay.io", "x", BLOB, A))).trap(PeerRefused)
+            open_from_peer(agent, "file:///", "quay.io", "x", "blobs", BLOB, A))).trap(PeerRefused)
         self.assertEqual(len(blob.requests), 1)
 
 
@@ -277,7 +277,7 @@ class PeerSocketTests(TestCase):
         port = await serverFromString(reactor, "tcp:0:interface=127.0.23.1").listen(Site(blob))
         self.addCleanup(port.stopListening)
         peer = f"http://127.0.23.1:{port.getHost().port}"
-        response = await open_from_peer(Agent(reactor), peer, "quay.io", "team/app", BLOB, A)
+        response = await open_from_peer(Agent(reactor), peer, "quay.io", "team/app", "blobs", BLOB, A)
         arrived: Deferred[bytes] = Deferred()
         received = _Received(arrived)
         response.deliverBody(received)
@@ -301,7 +301,7 @@ class PeerSocketTests(TestCase):
         peer = await follower.claim("docker.io", BLOB)
         assert isinstance(peer, Peer)
         with self.assertRaises(ConnectError):
-            await open_from_peer(Agent(reactor), peer.url, "docker.io", "library/x", BLOB, A)
+            await open_from_peer(Agent(reactor), peer.url, "docker.io", "library/x", "blobs", BLOB, A)
         after = Deferred.fromCoroutine(follower.claim_after("docker.io", BLOB, peer))
         clock.advance(LEASE - 1)
         self.assertNoResult(after)

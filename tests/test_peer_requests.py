@@ -6,28 +6,28 @@ import json
 import os
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ociregistry.cluster import PEER_HEADER, Ours, Peer
+from ociregistry.cluster import PEER_HEADER, Cluster, Ours, Peer
 from ociregistry.downloads import BlobDownload, Downloads
 from ociregistry.errors import ServiceUnavailable
 from ociregistry.grammar import Upstream as Where
 from ociregistry.metrics import Metrics
 from ociregistry.site import RegistryRequest
 from ociregistry.web import RegistryAPI
-from tests.fakes import digest_of
+from tests.fakes import digest_of, make_image
 from tests.test_downloads import A, CacheOverStubs
 
 OWNER = "http://10.0.0.11:8080"
 
 
-class Claims:
-    """A cluster that records claims, and names another replica as the owner of every blob."""
-
-    url = "http://10.0.0.12:8080"
+class Claims(Cluster):
+    """A cluster that records claims, and names another replica as the owner of every blob and manifest."""
 
     def __init__(self) -> None:
+        super().__init__(None, "http://10.0.0.12:8080", Clock())  # type: ignore[arg-type]
         self.claims: list[tuple[str, str]] = []
 
     async def claim(self, registry: str, digest: str) -> Ours | Peer:
@@ -48,7 +48,7 @@ class SilentOwner:
         return Deferred()
 
 
-class PeerRequestTests(CacheOverStubs):
+class ReplicaOverStubs(CacheOverStubs):
     """A replica in a cluster, its upstream a fake registry, its API driven in memory."""
 
     def setUp(self) -> None:
@@ -66,16 +66,21 @@ class PeerRequestTests(CacheOverStubs):
         self.digest = digest_of(self.content)
         self.a.blobs[self.digest] = self.content
 
-    def get(self, peer: bool) -> tuple[int, bytes]:
-        """GET the blob through the API, as a peer or as a client: (status, body)."""
+    def get(self, peer: bool, path: str | None = None) -> tuple[int, bytes]:
+        """GET the blob (or a path) through the API, as a peer or as a client: (status, body)."""
         headers = {PEER_HEADER: [OWNER.encode("ascii")]} if peer else {}
-        answered = self.http.get(f"http://replica/app/blobs/{self.digest}?ns={A}", headers=headers)
+        answered = self.http.get(f"http://replica/{path or f'app/blobs/{self.digest}'}?ns={A}", headers=headers)
         self.settle()
         response = self.successResultOf(answered)
         body = self.http.content(response)
         self.settle()
         self.http.flush()
         return response.code, self.successResultOf(body)
+
+
+
+class PeerRequestTests(ReplicaOverStubs):
+    """A peer's blob request is downloaded here; a client's claims the blob."""
 
     def test_peer_request_is_downloaded_here(self) -> None:
         """A peer's request for an uncached blob is downloaded from upstream here, without a claim:
@@ -111,3 +116,42 @@ class PeerRequestTests(CacheOverStubs):
         self.assertIs(self.successResultOf(joined), relay)
         self.assertEqual(self.a.count("GET", self.digest), 0)
         relay.fail(Failure(ServiceUnavailable("the test is over")))
+
+
+class PeerManifestTests(ReplicaOverStubs):
+    """Manifest fetches go the blobs' way: a client's claims, a peer's is fetched here."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.image = make_image(b"layer")
+        self.a.add_image("app", "v1", self.image)
+
+    def test_peer_manifest_request_is_fetched_here(self) -> None:
+        """A peer asking for an uncached tag or digest gets the manifest fetched here, without a claim."""
+        for reference in ("v1", self.image.digest):
+            self.assertEqual(self.get(peer=True, path=f"app/manifests/{reference}"), (200, self.image.manifest))
+        # (The image's blobs are prefetched, and claimed as blobs are.)
+        self.assertEqual([subject for _, subject in self.cluster.claims if "@" in subject], [])
+        self.assertEqual(self.a.count("GET", "/manifests/"), 1)
+
+    def test_client_manifest_request_claims(self) -> None:
+        """A client's request for an uncached tag claims it, and asks the owner rather than the upstream."""
+        asking = self.manifest(A, "v1")
+        self.settle()
+        self.assertNoResult(asking)
+        self.assertEqual(self.cluster.claims, [(A, "app@v1")])
+        self.assertEqual(self.owner.asked, [f"{OWNER}/v2/app/manifests/v1?ns={A}".encode("ascii")])
+        self.assertEqual(self.a.requests, [])
+        asking.cancel()
+        self.failureResultOf(asking, CancelledError)
+
+    def test_peer_manifest_request_never_joins_a_follower(self) -> None:
+        """A peer asking a replica that itself asks the owner gets a JSON 503 naming the owner."""
+        asking = self.manifest(A, "v1")
+        self.settle()
+        code, body = self.get(peer=True, path="app/manifests/v1")
+        self.assertEqual(code, 503)
+        self.assertIn(OWNER, json.loads(body)["errors"][0]["message"])
+        self.assertEqual(self.a.requests, [])
+        asking.cancel()
+        self.failureResultOf(asking, CancelledError)

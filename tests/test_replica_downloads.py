@@ -13,7 +13,7 @@ import treq
 from twisted.internet.defer import Deferred, DeferredList
 
 from ociregistry.s3 import key_for
-from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image
+from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image, wait
 from tests.realparts import Registry, WebClient, log_settled, start_registry, start_relay, upload_blob
 from tests.services import ReplicaTestCase, until
 from tests.test_replicas import MIB
@@ -165,7 +165,8 @@ class ReplicaDownloadTests(ReplicaTestCase):
         self.assertIsNone(await self.s3.stat(key_for(digest)))
 
     async def test_cold_manifest_through_every_replica_at_once(self) -> None:
-        """One cold tag asked of 3 replicas at once, 4 clients each: every answer is the manifest, one row records it."""
+        """One cold tag asked of 3 replicas at once, 4 clients each: one upstream HEAD and GET between them,
+        every answer is the manifest, one row records it; then its digest likewise, cold on another path."""
         fake = FakeRegistry()
         image = make_image(os.urandom(2000))
         fake.add_image("app", "v1", image)
@@ -181,17 +182,34 @@ class ReplicaDownloadTests(ReplicaTestCase):
             return (response.code, await response.content(),
                     tuple(response.headers.getRawHeaders("docker-content-digest")))
 
-        answers = await DeferredList([
-            Deferred.fromCoroutine(get(f"{replicas[i % 3].url}/v2/app/manifests/v1?ns=127.0.0.1:{port}"))
-            for i in range(12)], fireOnOneErrback=True, consumeErrors=True)
-        self.assertEqual({answer for _, answer in answers}, {(200, image.manifest, (image.digest,))})
-        # Each replica fetches it at most once (coalesced within a replica, not across them).
-        self.assertLessEqual(fake.count("GET", "/manifests/"), 3)
+        async def ask_all(path: str) -> set[tuple[int, bytes, tuple[str, ...]]]:
+            fake.holding = True
+            asking = DeferredList([
+                Deferred.fromCoroutine(get(f"{replicas[i % 3].url}/v2/{path}?ns=127.0.0.1:{port}"))
+                for i in range(12)], fireOnOneErrback=True, consumeErrors=True)
+            # Every replica has asked (the leader upstream, the others the leader) before upstream answers.
+            await until(lambda: _now(len(fake._held) or None))
+            await wait(0.5)
+            fake.release()
+            return {answer for _, answer in await asking}
+
+        self.assertEqual(await ask_all("app/manifests/v1"), {(200, image.manifest, (image.digest,))})
+        self.assertEqual((fake.count("HEAD", "/manifests/v1"), fake.count("GET", "/manifests/")), (1, 1))
         with psycopg.connect(self.database) as db:
             self.assertEqual(db.execute("SELECT count(*) FROM manifests WHERE digest = %s",
                                         (image.digest,)).fetchone(), (1,))
         self.assertEqual(await until(lambda: self.s3.stat(key_for(image.digest))), len(image.manifest))
-
+        # A cold manifest by digest likewise.
+        other = make_image(os.urandom(2000))
+        fake.add_image("other", "v2", other)
+        self.assertEqual(await ask_all(f"other/manifests/{other.digest}"), {(200, other.manifest, (other.digest,))})
+        self.assertEqual(fake.count("GET", f"/manifests/{other.digest}"), 1)
+        for replica in replicas:
+            await log_settled(replica.log_path)
+        logs = [replica.log_text() for replica in replicas]
+        self.assertEqual(sum(text.count("Pulling manifest ") for text in logs), 2)
+        with psycopg.connect(self.database) as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM downloads").fetchone(), (0,))
 
 async def _answer(web: WebClient, url: str) -> tuple[int, Any]:
     """A GET's status and its JSON body."""
