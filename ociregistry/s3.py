@@ -19,7 +19,7 @@ import hashlib
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -175,6 +175,8 @@ class S3Store:
         self._credentials = Credentials(config.access_key, config.secret_key)
         self._base = f"{config.endpoint.rstrip('/')}/{quote(config.bucket, safe='')}"
         self._where = f"bucket {config.bucket} at {config.endpoint}"
+        # Multipart uploads (key, upload id) whose abort failed, to abort at the next sweep: an ordered set.
+        self._unaborted: dict[tuple[str, str], None] = {}
 
     # The driver's interface
 
@@ -227,9 +229,14 @@ class S3Store:
         await body.deliver(collected)
         return b"".join(collected.chunks)
 
-    def begin(self, key: str, digest: str, limit: int | None = None) -> S3Writer:
-        """Start writing the object at ``key``, whose bytes must hash to ``digest``."""
-        return S3Writer(self, key, digest, limit)
+    def begin(self, key: str, digest: str, limit: int | None = None,
+              began: Callable[[str, str], Awaitable[None]] | None = None) -> S3Writer:
+        """Start writing the object at ``key``, whose bytes must hash to ``digest``.
+
+        ``began`` is told the (key, upload id) of the multipart upload once it
+        is begun, and awaited before its first part is sent.
+        """
+        return S3Writer(self, key, digest, limit, began)
 
     async def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens when there is none)."""
@@ -278,6 +285,27 @@ class S3Store:
                 return found
             token = {"continuation-token": following}
 
+    async def abort_upload(self, key: str, upload_id: str, retries: int | None = None) -> None:
+        """Abort a multipart upload (one that is gone already is fine); one whose abort fails is retried by
+        ``retry_aborts``."""
+        try:
+            await self._abort_upload(key, upload_id, retries)
+        except StorageUnavailable:
+            self._unaborted[(key, upload_id)] = None
+            raise
+        self._unaborted.pop((key, upload_id), None)
+
+    async def retry_aborts(self) -> int:
+        """Abort again the multipart uploads whose abort failed (the store was failing); how many are gone now.
+
+        StorageUnavailable while the store still fails; those not aborted are tried again next time.
+        """
+        pending = list(self._unaborted)
+        for key, upload_id in pending:
+            await self.abort_upload(key, upload_id)
+            log.info("Aborted the multipart upload of {key}, whose abort had failed", key=key)
+        return len(pending)
+
     async def sweep_uploads(self, older_than: float) -> int:
         """Abort multipart uploads under our prefix begun more than ``older_than`` seconds ago.
 
@@ -288,7 +316,7 @@ class S3Store:
         cutoff = self._clock.seconds() - older_than
         stale = [upload for upload in await self.uploads() if upload.initiated < cutoff]
         for upload in stale:
-            await self._abort_upload(upload.key, upload.upload_id)
+            await self.abort_upload(upload.key, upload.upload_id)
             log.info("Aborted a stale multipart upload of {key}", key=upload.key)
         return len(stale)
 
@@ -564,12 +592,14 @@ class S3Writer:
     smaller than one part is sent as a single PUT by ``commit``.
     """
 
-    def __init__(self, store: S3Store, key: str, digest: str, limit: int | None) -> None:
+    def __init__(self, store: S3Store, key: str, digest: str, limit: int | None,
+                 began: Callable[[str, str], Awaitable[None]] | None = None) -> None:
         self.key = key
         self.digest = digest
         self.size = 0
         self._store = store
         self._limit = limit
+        self._began = began
         self._hash = hashlib.new(digest.partition(":")[0])
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -619,8 +649,7 @@ class S3Writer:
         """Give up: drop the buffer and abort the multipart upload, if one was begun.
 
         The abort is tried once (a writer is often aborted because the store is
-        failing); a failed abort is only logged: ``sweep_uploads`` removes the
-        upload later.
+        failing); a failed abort is logged, and tried again by ``retry_aborts``.
         """
         self._finished = True
         self._chunks, self._buffered = [], 0
@@ -628,7 +657,7 @@ class S3Writer:
         if upload_id is None:
             return
         try:
-            await self._store._abort_upload(self.key, upload_id, retries=0)
+            await self._store.abort_upload(self.key, upload_id, retries=0)
         except StorageUnavailable as e:
             log.warn("Could not abort the upload of {key}: {error}", key=self.key, error=e.message)
 
@@ -648,6 +677,8 @@ class S3Writer:
     async def _send_part(self) -> None:
         if self._upload_id is None:
             self._upload_id = await self._store._create_upload(self.key)
+            if self._began is not None:
+                await self._began(self.key, self._upload_id)
         body, sha256 = self._take()
         number = len(self._parts) + 1
         etag = await self._store._upload_part(self.key, self._upload_id, number, body, sha256)
