@@ -138,6 +138,10 @@ class Cluster:
             log.warn("Recording the upload of {digest} with its lease failed ({why}); the sweep aborts it "
                      "if it is left", digest=digest, why=str(e) or type(e).__name__)
 
+    async def leased_uploads(self) -> set[str]:
+        """The ids of the multipart uploads that downloads under live leases (of any replica) write to."""
+        return await self.index.run(IndexConnection.leased_uploads, self.clock.seconds())
+
     async def claim(self, registry: str, digest: str) -> Ours | Peer:
         """Take the download of a blob unless a live lease names another replica: Ours, or the Peer to stream from."""
         key = (registry, digest)

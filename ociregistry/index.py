@@ -821,6 +821,11 @@ class IndexConnection:
             "SELECT upload_key, upload_id FROM downloads WHERE owner = ? AND upload_key IS NOT NULL"
             " AND upload_id IS NOT NULL ORDER BY registry, digest", (owner,))]
 
+    def leased_uploads(self, now: float) -> set[str]:
+        """The ids of the multipart uploads recorded with live leases: downloads in progress write to them."""
+        return {str(upload_id) for (upload_id,) in self._execute(
+            "SELECT upload_id FROM downloads WHERE expires > ? AND upload_id IS NOT NULL", (utc(now),))}
+
     def release_downloads_of(self, owner: str) -> int:
         """End every lease ``owner`` holds (those of its previous life at start); how many."""
         with self._writing(), self._transaction():

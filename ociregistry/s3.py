@@ -177,6 +177,8 @@ class S3Store:
         self._where = f"bucket {config.bucket} at {config.endpoint}"
         # Multipart uploads (key, upload id) whose abort failed, to abort at the next sweep: an ordered set.
         self._unaborted: dict[tuple[str, str], None] = {}
+        # The ids of the multipart uploads this process's writers are writing to now.
+        self.writing: set[str] = set()
 
     # The driver's interface
 
@@ -306,15 +308,19 @@ class S3Store:
             log.info("Aborted the multipart upload of {key}, whose abort had failed", key=key)
         return len(pending)
 
-    async def sweep_uploads(self, older_than: float) -> int:
+    async def sweep_uploads(self, older_than: float, keep: Iterable[str] = ()) -> int:
         """Abort multipart uploads under our prefix begun more than ``older_than`` seconds ago.
 
         These are what a writer that crashed (or was killed) left behind; the
-        count aborted is returned.  Uploads outside the prefix are left alone,
-        so a bucket shared with other software wants a prefix of our own.
+        count aborted is returned.  The uploads this process writes to, and
+        those whose ids are in ``keep`` (other replicas' downloads in
+        progress), are left alone; so are uploads outside the prefix, so a
+        bucket shared with other software wants a prefix of our own.
         """
         cutoff = self._clock.seconds() - older_than
-        stale = [upload for upload in await self.uploads() if upload.initiated < cutoff]
+        live = self.writing | set(keep)
+        stale = [upload for upload in await self.uploads()
+                 if upload.initiated < cutoff and upload.upload_id not in live]
         for upload in stale:
             await self.abort_upload(upload.key, upload.upload_id)
             log.info("Aborted a stale multipart upload of {key}", key=upload.key)
@@ -656,6 +662,7 @@ class S3Writer:
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is None:
             return
+        self._store.writing.discard(upload_id)
         try:
             await self._store.abort_upload(self.key, upload_id, retries=0)
         except StorageUnavailable as e:
@@ -677,6 +684,7 @@ class S3Writer:
     async def _send_part(self) -> None:
         if self._upload_id is None:
             self._upload_id = await self._store._create_upload(self.key)
+            self._store.writing.add(self._upload_id)
             if self._began is not None:
                 await self._began(self.key, self._upload_id)
         body, sha256 = self._take()
@@ -692,6 +700,7 @@ class S3Writer:
             if self._buffered:
                 await self._send_part()
             await self._store._complete(self.key, self._upload_id, self._parts, self.size)
+            self._store.writing.discard(self._upload_id)
         self._finished = True
         self._upload_id = None
         log.debug("Stored {key} ({size} bytes)", key=self.key, size=self.size)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, cast
 import yaml
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import deferLater
@@ -679,7 +679,7 @@ def makeService(options: Options) -> IService:
             StreamServerEndpointService(serverFromString(reactor, own_listen), own).setServiceParent(service)
     store = cache.store
     if isinstance(store, BucketStore):
-        BucketService(store, reactor).setServiceParent(service)
+        BucketService(store, reactor, cache.cluster).setServiceParent(service)
     cluster = cache.cluster
     if cluster is not None:
         cluster.start_blocking()
@@ -694,10 +694,12 @@ class BucketService(TimerService):
     """Checks the bucket for /health; retries failed aborts, and sweeps the uploads crashed replicas left, at
     start and then every so often (at most every ``_SWEEP_SECONDS``, and as often as uploads grow stale)."""
 
-    def __init__(self, store: BucketStore, clock: IReactorTime) -> None:
+    def __init__(self, store: BucketStore, clock: IReactorTime, cluster: Cluster | None = None) -> None:
         super().__init__(_BUCKET_CHECK_SECONDS, self._check)
         self.clock = self._clock = clock
         self._store = store
+        # Whose leases name the uploads that downloads in progress on other replicas write to.
+        self._cluster = cluster
         self._next_sweep: float | None = None
 
     def _check(self) -> Deferred[None]:
@@ -706,9 +708,20 @@ class BucketService(TimerService):
     async def _run(self) -> None:
         now = self._clock.seconds()
         stale = self._next_sweep is None or now >= self._next_sweep
+        keep: set[str] = set()
+        if stale and self._cluster is not None:
+            try:
+                keep = await self._cluster.leased_uploads()
+            except CancelledError:
+                raise
+            except Exception as e:
+                # Without the leases, another replica's upload in progress cannot be told from a stale one.
+                log.warn("Not sweeping stale uploads: the download leases could not be read ({why})",
+                         why=str(e) or type(e).__name__)
+                stale = False
         if stale:
             self._next_sweep = now + min(self._store.abandon_uploads_after, _SWEEP_SECONDS)
-        await self._store.sweep(stale)
+        await self._store.sweep(stale, keep)
         await self._store.check()
 
 
