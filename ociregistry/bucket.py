@@ -13,7 +13,7 @@ unverified ever becomes visible in the bucket.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -55,7 +55,8 @@ class BucketBlob(RemoteBlob):
         body = await self._store.s3.open_range(key_for(self.digest), None if whole else start,
                                                None if whole else end - 1)
         if body is None:
-            raise StorageUnavailable(f"blob {self.digest} is in the index but not in the bucket")
+            # Removed since it was looked up (a prune); the client's next try fetches it again.
+            raise StorageUnavailable(f"blob {self.digest} was removed from the bucket while it was asked for")
         return body
 
 
@@ -205,12 +206,12 @@ class BucketStore:
             log.info("The bucket answers again")
         self._problem = None
 
-    async def sweep(self, stale: bool = True) -> None:
+    async def sweep(self, stale: bool = True, keep: Iterable[str] = ()) -> None:
         """Abort again the uploads whose abort failed; with ``stale``, those a crashed replica left too (begun
-        long enough ago)."""
+        long enough ago, and not in ``keep``: downloads of other replicas in progress)."""
         try:
             await self.s3.retry_aborts()
-            swept = await self.s3.sweep_uploads(self._abandon_after) if stale else 0
+            swept = await self.s3.sweep_uploads(self._abandon_after, keep) if stale else 0
         except CancelledError:
             raise
         except StorageUnavailable as e:
@@ -250,8 +251,15 @@ class BucketStore:
         began = None if self.upload_begun is None else partial(self.upload_begun, digest)
         return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit, began))
 
-    async def open_blob(self, digest: str, size: int) -> BucketBlob:
-        """The blob in the bucket, as the index recorded it (its bytes are asked for when sent)."""
+    async def open_blob(self, digest: str, size: int) -> BucketBlob | None:
+        """The blob in the bucket, as the index recorded it, or None when the bucket holds no such object.
+
+        One HEAD asks (as CNCF distribution stats a blob before serving it), so
+        that a row whose object is gone is forgotten and the blob fetched again,
+        as a file that is gone is; the bytes are asked for when sent.
+        """
+        if await self.s3.stat(key_for(digest)) != size:
+            return None
         return BucketBlob(self, digest, size)
 
     async def read_manifest(self, digest: str) -> bytes | None:
