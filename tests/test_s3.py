@@ -248,16 +248,20 @@ class CephRoundTripTests(CephTestCase):
         self.assertEqual(await self.store.uploads(), [])
 
     async def test_sweep_aborts_uploads_of_crashed_writers(self) -> None:
-        """sweep_uploads aborts an upload its writer left behind, once it is old enough."""
-        await _write(self.store, os.urandom(6 * MIB))   # never committed nor aborted: "crashed"
+        """sweep_uploads aborts an upload its writer left behind, once it is old enough; not one of its own."""
+        # Another process's writer, never committed nor aborted: "crashed".
+        await _write(self.make_store(), os.urandom(6 * MIB))
+        ours = await _write(self.store, os.urandom(6 * MIB))
         done = await _write(self.store, b"kept")
         await done.commit()
         neighbour = self.make_store(prefix="other/")     # another user of the bucket
         theirs = await _write(neighbour, os.urandom(6 * MIB))
         self.assertEqual(await self.store.sweep_uploads(older_than=3600), 0)
-        self.assertEqual(len(await self.store.uploads()), 1)
+        self.assertEqual(len(await self.store.uploads()), 2)
         await wait(1.1)   # RGW's timestamps, like ours, are in real time
         self.assertEqual(await self.store.sweep_uploads(older_than=1), 1)
+        self.assertEqual([u.key for u in await self.store.uploads()], [ours.key])
+        await ours.abort()
         self.assertEqual(await self.store.uploads(), [])
         self.assertEqual(await self.store.stat(done.key), 4)
         self.assertEqual([u.key for u in await neighbour.uploads()], [theirs.key])
