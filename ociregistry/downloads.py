@@ -49,6 +49,10 @@ log = Logger()
 _ROUNDS = 5
 
 
+class Stored(Exception):
+    """The blob was recorded in the index after the lookup that started its download: read it from the store."""
+
+
 class BlobDownload(BlobSource):
     """A blob being fetched from upstream into a temporary file."""
 
@@ -287,6 +291,8 @@ class Downloads:
                 await self._download(download, registry, repository)
         except UpstreamNotFound:
             result = Failure(blob_unknown(digest))
+        except Stored:
+            result = Failure()
         except CancelledError:
             result = Failure(ServiceUnavailable(f"download of {digest} was abandoned"))
         except DigestMismatch as e:
@@ -333,6 +339,11 @@ class Downloads:
         for attempt in range(1, _ROUNDS + 1):
             if isinstance(claim, Ours):
                 try:
+                    # The owner before may have recorded the blob and released the lease after this
+                    # replica's lookup missed: then nothing is downloaded again.  (Once readers follow a
+                    # relay, the download is taken over instead.)
+                    if not download.started.fired and await self._index.blob_size(digest) is not None:
+                        raise Stored(digest)
                     # What a relay spooled before its owner died is uploaded first.
                     relayed = download.writer
                     download.writer = store.begin(digest) if relayed is None else store.adopt(relayed)
