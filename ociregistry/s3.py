@@ -154,7 +154,7 @@ class S3Store:
     """One bucket (and key prefix) of an S3-compatible store, used without blocking the reactor."""
 
     def __init__(self, config: S3Config, *, reactor: Any, agent: IAgent | None = None,
-                 retries: int = 3, backoff: float = 0.2, timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 0.2, timeout: float | None = None,
                  part_size: int = PART_SIZE) -> None:
         if part_size < MINIMUM_PART:
             raise ValueError(f"S3 parts must be at least {MINIMUM_PART} bytes")
@@ -167,7 +167,8 @@ class S3Store:
         self.retries = retries
         self._clock: IReactorTime = reactor
         self._backoff = backoff
-        self._timeout = timeout
+        # Bounds each request, all its tries together (the configuration's unless given).
+        self._timeout = config.timeout if timeout is None else timeout
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -335,7 +336,7 @@ class S3Store:
         await self._ok(response, "list")
         return f"{self._where}: reachable"
 
-    def check_bucket_now(self, timeout: float = 10.0) -> str:
+    def check_bucket_now(self) -> str:
         """``check_bucket`` with one blocking request, for start-up before the reactor runs."""
         url = self._url(None, {"max-keys": "0"})
         request = AWSRequest(method="GET", url=url, headers={})
@@ -345,7 +346,7 @@ class S3Store:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(urllib.request.Request(url, headers=dict(request.headers.items())),
-                             timeout=timeout) as answer:
+                             timeout=self._timeout) as answer:
                 answer.read()
         except urllib.error.HTTPError as e:
             raise self._refusal(e.code, e.read(), "list") from None
@@ -386,22 +387,32 @@ class S3Store:
 
         Every request we make is idempotent (a repeated part or object PUT writes the
         same bytes again), so each may be retried; a retried CreateMultipartUpload
-        can leave an empty upload behind, which ``sweep_uploads`` removes.
+        can leave an empty upload behind, which ``sweep_uploads`` removes.  The
+        tries together take at most the timeout: a retry starts only while time
+        is left, and has what is left, so that a store that has gone silent is a
+        503 after the timeout, not after a timeout per try.
         """
         url = self._url(None if key is None else self._full(key), query)
         if body is not None and payload_sha256 is None:
             payload_sha256 = hashlib.sha256(body).hexdigest()
         reason = ""
         retries = self.retries if retries is None else retries
+        deadline = self._clock.seconds() + self._timeout
+        tries = 0
         for attempt in range(retries + 1):
             if attempt:
-                await deferLater(self._clock, self._backoff * 2 ** (attempt - 1), lambda: None)
+                pause = self._backoff * 2 ** (attempt - 1)
+                if self._clock.seconds() + pause >= deadline:
+                    break
+                await deferLater(self._clock, pause, lambda: None)
+            tries += 1
             request = AWSRequest(method=method, url=url, headers=dict(headers or {}))
             request.context["payload_sha256"] = payload_sha256 or _EMPTY_SHA256
             _Signer(self._credentials, "s3", self.config.region).add_auth(request)
             try:
                 response = await self._send(method, url, dict(request.headers.items()),
-                                            None if body is None else BytesBody(body))
+                                            None if body is None else BytesBody(body),
+                                            deadline - self._clock.seconds())
             except _Failed as e:
                 reason = str(e)
             else:
@@ -412,12 +423,13 @@ class S3Store:
             log.warn("S3 {what} at {endpoint} failed (try {attempt} of {tries}): {reason}",
                      what=what, endpoint=self.config.endpoint, attempt=attempt + 1,
                      tries=retries + 1, reason=reason)
-        raise StoreFailing(f"S3 {what} at {self.config.endpoint} failed {retries + 1} times: "
-                           f"{reason}", f"{reason}, {retries + 1} tries")
+        told = "once" if tries == 1 else f"{tries} times"
+        raise StoreFailing(f"S3 {what} at {self.config.endpoint} failed {told}: {reason}",
+                           f"{reason}, {tries} {'try' if tries == 1 else 'tries'}")
 
     async def _send(self, method: str, url: str, headers: dict[str, str],
-                    body: IBodyProducer | None) -> IResponse:
-        """One try, with its own timeout; connection failures become ``_Failed``."""
+                    body: IBodyProducer | None, timeout: float) -> IResponse:
+        """One try, given up after ``timeout`` seconds without an answer; connection failures become ``_Failed``."""
         sent = self._http.request(method, url, headers=Headers({k: [v] for k, v in headers.items()}), data=body,
                                   unbuffered=True, allow_redirects=False)
         timed_out: list[bool] = []
@@ -426,16 +438,17 @@ class S3Store:
             timed_out.append(True)
             sent.cancel()
 
-        timer: IDelayedCall = self._clock.callLater(self._timeout, expire)
+        timer: IDelayedCall = self._clock.callLater(timeout, expire)
+        silent = f"no answer in {timeout:.3g} s"
         try:
             return await sent
         except CancelledError:
             if timed_out:
-                raise _Failed(f"no answer in {self._timeout:g} s") from None
+                raise _Failed(silent) from None
             raise
         except _NETWORK as e:
             if timed_out:
-                raise _Failed(f"no answer in {self._timeout:g} s") from None
+                raise _Failed(silent) from None
             if _wraps_cancel(e):
                 raise CancelledError() from None
             raise _Failed(_describe(e)) from None
