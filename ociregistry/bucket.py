@@ -13,6 +13,8 @@ unverified ever becomes visible in the bucket.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -53,7 +55,8 @@ class BucketBlob(RemoteBlob):
         body = await self._store.s3.open_range(key_for(self.digest), None if whole else start,
                                                None if whole else end - 1)
         if body is None:
-            raise StorageUnavailable(f"blob {self.digest} is in the index but not in the bucket")
+            # Removed since it was looked up (a prune); the client's next try fetches it again.
+            raise StorageUnavailable(f"blob {self.digest} was removed from the bucket while it was asked for")
         return body
 
 
@@ -172,6 +175,13 @@ class BucketStore:
         self.root = spool.root
         self._spool = spool
         self._problem: str | None = None
+        # Told (digest, key, upload id) of each multipart upload once begun: a cluster records it with its lease.
+        self.upload_begun: Callable[[str, str, str], Awaitable[None]] | None = None
+
+    @property
+    def abandon_uploads_after(self) -> float:
+        """How old an upload no one recorded must be before the sweep takes it for a crashed writer's."""
+        return self._abandon_after
 
     def prepare(self) -> int:
         """Create the spool area and sweep spool files of a previous run."""
@@ -196,10 +206,12 @@ class BucketStore:
             log.info("The bucket answers again")
         self._problem = None
 
-    async def sweep(self) -> None:
-        """Abort the multipart uploads a crashed replica left behind (begun long enough ago)."""
+    async def sweep(self, stale: bool = True, keep: Iterable[str] = ()) -> None:
+        """Abort again the uploads whose abort failed; with ``stale``, those a crashed replica left too (begun
+        long enough ago, and not in ``keep``: downloads of other replicas in progress)."""
         try:
-            swept = await self.s3.sweep_uploads(self._abandon_after)
+            await self.s3.retry_aborts()
+            swept = await self.s3.sweep_uploads(self._abandon_after, keep) if stale else 0
         except CancelledError:
             raise
         except StorageUnavailable as e:
@@ -207,6 +219,19 @@ class BucketStore:
             return
         if swept:
             log.info("Aborted {swept} multipart uploads left by crashed replicas", swept=swept)
+
+    async def abort_uploads(self, uploads: list[tuple[str, str]], whose: str) -> None:
+        """Abort multipart uploads (key, upload id) a download left (``whose``); one that fails is retried by the sweep."""
+        for key, upload_id in uploads:
+            try:
+                await self.s3.abort_upload(key, upload_id)
+            except CancelledError:
+                raise
+            except StorageUnavailable as e:
+                log.warn("Could not abort the upload of {key} left by {whose} ({why}); the sweep tries again",
+                         key=key, whose=whose, why=e.message)
+            else:
+                log.info("Aborted the upload of {key} left by {whose}", key=key, whose=whose)
 
     def begin(self, digest: str, limit: int | None = None) -> BucketWriter:
         """Start spooling and uploading content that must hash to ``digest``; StorageUnavailable while the bucket fails."""
@@ -222,10 +247,19 @@ class BucketStore:
     def adopt(self, spool: ContentWriter, limit: int | None = None) -> BucketWriter:
         """Upload a spool file to the bucket, what it holds already first, then the rest as it grows."""
         assert isinstance(spool, Writer), "a relay spools to a file (relay)"
-        return BucketWriter(spool, self.s3.begin(key_for(spool.digest), spool.digest, limit))
+        digest = spool.digest
+        began = None if self.upload_begun is None else partial(self.upload_begun, digest)
+        return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit, began))
 
-    async def open_blob(self, digest: str, size: int) -> BucketBlob:
-        """The blob in the bucket, as the index recorded it (its bytes are asked for when sent)."""
+    async def open_blob(self, digest: str, size: int) -> BucketBlob | None:
+        """The blob in the bucket, as the index recorded it, or None when the bucket holds no such object.
+
+        One HEAD asks (as CNCF distribution stats a blob before serving it), so
+        that a row whose object is gone is forgotten and the blob fetched again,
+        as a file that is gone is; the bytes are asked for when sent.
+        """
+        if await self.s3.stat(key_for(digest)) != size:
+            return None
         return BucketBlob(self, digest, size)
 
     async def read_manifest(self, digest: str) -> bytes | None:

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ociregistry.bucket import BucketStore
 from ociregistry.cluster import Cluster, Peer, PeerNotFound, manifest_subject, open_from_peer
 from ociregistry.content import BlobSource, ContentStore, RemoteBlob
-from ociregistry.downloads import Downloads
+from ociregistry.downloads import Downloads, Stored
 from ociregistry.errors import (
     DigestMismatch,
     InvalidDigest,
@@ -430,7 +430,14 @@ class Cache:
         if self._freshness.air_gapped:
             raise air_gapped_error(blob_unknown(digest))
         download = self._downloads.fetch(where.registry, where.repository, digest, peer)
-        await download.started.observe()
+        try:
+            await download.started.observe()
+        except Stored:
+            # Another replica stored it between the lookup above and this replica's claim.
+            stored = await self._stored_blob(digest)
+            if stored is None:
+                raise ServiceUnavailable(f"blob {digest} was removed as it was looked up; retry") from None
+            return stored
         if peer and download.relayed_from is not None:
             raise ServiceUnavailable(f"this replica streams {digest} from {download.relayed_from}; ask it")
         return download

@@ -18,6 +18,16 @@ unrenewed (a live owner renews it, and the follower streams from it again),
 so that a replica that only one peer cannot reach never ends up with a twin.
 A dead owner stops renewing and is replaced within one lease.
 
+The owner records its multipart upload with the lease once it has begun one;
+whoever ends a lease that was not released (the owner's next life at start,
+or the replica taking an expired lease over) aborts that upload, so that no
+upload of a dead owner is left in the bucket.  An owner that finds at a
+renewal that its lease was taken over (it could not renew in time) goes on
+with its download, so that its clients are not cut off: both downloads
+verify, and the content is addressed by digest.  (Its upload was aborted by
+the new owner, so its commit succeeds only once the new owner's object is
+complete; else its clients' next try is served by the new owner.)
+
 The claimant's clock sets and judges expiries: replicas' clocks must agree to
 well within a lease (NTP does).  Coalescing within one replica comes first:
 only the replica's one in-flight download of a digest claims it.
@@ -29,7 +39,7 @@ import calendar
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from twisted.application.internet import TimerService
@@ -41,6 +51,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ociregistry.bodies import discard
+from ociregistry.bucket import BucketStore
 from ociregistry.errors import NotFound, Unavailable
 from ociregistry.index import Index, IndexBusy, IndexConnection, IndexUnavailable
 
@@ -64,15 +75,10 @@ def manifest_subject(repository: str, reference: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Ours:
-    """This replica holds the lease: it downloads the blob, and releases the lease when done.
-
-    ``lost`` fires if a renewal finds the lease taken over by another replica
-    (this one failed to renew it in time): two downloads of the blob then run.
-    """
+    """This replica holds the lease: it downloads the blob, and releases the lease when done."""
 
     registry: str
     digest: str
-    lost: Deferred[None] = field(default_factory=Deferred)
 
 
 @dataclass(frozen=True)
@@ -95,12 +101,16 @@ class Cluster:
     """This replica's part in the cluster: claims, renews and releases download leases in the shared index."""
 
     def __init__(self, index: Index, advertise_url: str, clock: IReactorTime,
-                 lease_seconds: float = LEASE_SECONDS) -> None:
+                 lease_seconds: float = LEASE_SECONDS, bucket: BucketStore | None = None) -> None:
         self.index = index
         self.url = advertise_url
         self.clock = clock
         self.lease_seconds = lease_seconds
         self._held: dict[tuple[str, str], Ours] = {}
+        # Where the owners' multipart uploads are: each one begun is recorded with its lease.
+        self._bucket = bucket
+        if bucket is not None:
+            bucket.upload_begun = self.record_upload
 
     @property
     def held(self) -> list[tuple[str, str]]:
@@ -108,27 +118,61 @@ class Cluster:
         return sorted(self._held)
 
     async def start(self) -> int:
-        """Drop the leases of this replica's previous life (it was killed), so no one waits for them; how many."""
-        return self._dropped(await self.index.run(IndexConnection.release_downloads_of, self.url))
+        """Drop the leases of this replica's previous life (it was killed), so no one waits for them, and abort
+        the uploads recorded with them; how many leases."""
+        return self._dropped(*await self.index.run(_drop_leases, self.url))
 
     def start_blocking(self) -> int:
-        """As ``start``, at start-up before the replica listens, so that no claim of this life is dropped."""
-        return self._dropped(self.index.run_blocking(IndexConnection.release_downloads_of, self.url))
+        """As ``start``, at start-up before the replica listens, so that no claim of this life is dropped.
 
-    def _dropped(self, dropped: int) -> int:
+        The uploads are aborted once the reactor runs.
+        """
+        return self._dropped(*self.index.run_blocking(_drop_leases, self.url))
+
+    def _dropped(self, dropped: int, uploads: list[tuple[str, str]]) -> int:
         if dropped:
             log.info("Released {count} download leases left by this replica's previous run", count=dropped)
+        self._abort(uploads, "this replica's previous run")
         return dropped
+
+    def _abort(self, uploads: list[tuple[str, str]], whose: str) -> None:
+        """Abort uploads a lease's owner left, in the background (a failure is logged and swept later)."""
+        if uploads and self._bucket is not None:
+            Deferred.fromCoroutine(self._bucket.abort_uploads(uploads, whose)).addErrback(
+                lambda failure: log.failure("Aborting the uploads left by {whose}", failure, whose=whose))
+
+    async def record_upload(self, digest: str, key: str, upload_id: str) -> None:
+        """Record the multipart upload of a blob with this replica's leases of it; a failure is logged.
+
+        Unrecorded, an upload left by a crash is aborted by the sweep of uploads
+        older than abandonUploadsAfter instead.
+        """
+        keys = [held for held in self.held if held[1] == digest]
+        if not keys:
+            return
+        try:
+            await self.index.run(IndexConnection.record_upload, keys, self.url, key, upload_id)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("Recording the upload of {digest} with its lease failed ({why}); the sweep aborts it "
+                     "if it is left", digest=digest, why=str(e) or type(e).__name__)
+
+    async def leased_uploads(self) -> set[str]:
+        """The ids of the multipart uploads that downloads under live leases (of any replica) write to."""
+        return await self.index.run(IndexConnection.leased_uploads, self.clock.seconds())
 
     async def claim(self, registry: str, digest: str) -> Ours | Peer:
         """Take the download of a blob unless a live lease names another replica: Ours, or the Peer to stream from."""
         key = (registry, digest)
         if key in self._held:
             return self._held[key]
-        owner, expires = await self.index.run(IndexConnection.claim_download, registry, digest, self.url,
-                                              self.clock.seconds(), self.lease_seconds)
+        owner, expires, previous = await self.index.run(IndexConnection.claim_download, registry, digest,
+                                                        self.url, self.clock.seconds(), self.lease_seconds)
         if owner != self.url:
             return Peer(owner, _seconds(expires))
+        if previous is not None:
+            self._abort([previous], "the replica whose lease expired")
         return self._held.setdefault(key, Ours(registry, digest))
 
     async def claim_after(self, registry: str, digest: str, failed: Peer) -> Ours | Peer:
@@ -184,7 +228,10 @@ class Cluster:
                      subject=subject, why=str(e))
 
     async def renew(self) -> None:
-        """Extend every lease this replica holds; one found taken over fires its ``lost``.  Errors are logged."""
+        """Extend every lease this replica holds; one found taken over is dropped, its download goes on.
+
+        Errors are logged.
+        """
         renewing = dict(self._held)
         keys = sorted(renewing)
         if not keys:
@@ -204,10 +251,10 @@ class Cluster:
         for key in lost:
             # Not one released (and perhaps claimed anew) while the renewal ran.
             if key in self._held and self._held[key] is renewing[key]:
-                ours = self._held.pop(key)
-                log.warn("The download lease of {digest} ({registry}) was taken over by another replica",
-                         registry=key[0], digest=key[1])
-                ours.lost.callback(None)
+                del self._held[key]
+                # The download goes on: both verify, and either's object is the same content.
+                log.warn("The download lease of {digest} ({registry}) was taken over by another replica; "
+                         "this replica's download goes on", registry=key[0], digest=key[1])
 
     async def release(self, registry: str, digest: str) -> None:
         """End this replica's lease of a download (it finished or failed): the next claimant owns it."""
@@ -267,6 +314,12 @@ async def open_from_peer(agent: IAgent, peer: str, registry: str, repository: st
         refused = PeerNotFound if response.code == 404 else PeerRefused
         raise refused(f"{peer} answered {response.code} for {reference}")
     return response
+
+
+def _drop_leases(connection: IndexConnection, owner: str) -> tuple[int, list[tuple[str, str]]]:
+    """End every lease ``owner`` holds: how many, and the uploads recorded with them."""
+    uploads = connection.uploads_of(owner)
+    return connection.release_downloads_of(owner), uploads
 
 
 def _seconds(stored: str) -> float:

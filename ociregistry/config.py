@@ -46,7 +46,9 @@ _SERVER_TLS_KEYS = ("cert", "key", "ca", "clientAuth")
 _INDEX_KEYS = ("postgresql",)
 _STORAGE_KEYS = ("s3",)
 _S3_KEYS = ("endpoint", "bucket", "region", "accessKey", "secretKey", "secretKeyFromEnv", "prefix", "redirect",
-            "abandonUploadsAfter")
+            "abandonUploadsAfter", "timeout")
+# How long the store may take to answer a request, all its retries included, before clients get a 503.
+S3_TIMEOUT = 10.0
 # A bucket name as S3 (and Ceph RGW) accepts it.
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HTTP_URL = re.compile(r"https?://[^/\s?#]+/?")
@@ -195,6 +197,7 @@ class S3Config:
     secret_key: str = field(repr=False)
     region: str = "us-east-1"
     prefix: str = ""
+    timeout: float = S3_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -624,6 +627,9 @@ class _Reader:
                 raise self.bad(from_env, f"environment variable {variable} is {'empty' if secret == '' else 'not set'}")
         if secret is None:
             raise self.bad(s3, "missing 'secretKey' or 'secretKeyFromEnv'")
+        timeout = self.duration(items.get("timeout"))
+        if timeout is not None and timeout <= 0:
+            raise self.bad(items["timeout"], f"must be longer than zero, got {_show(self.scalar(items['timeout']) or '')}")
         return S3Settings(
             S3Config(
                 endpoint=self.http_url(items["endpoint"]) or "",
@@ -632,6 +638,7 @@ class _Reader:
                 secret_key=secret,
                 region=_default(self.text(items.get("region")), "us-east-1"),
                 prefix=_default(self.scalar(items.get("prefix")), ""),
+                timeout=_default(timeout, S3_TIMEOUT),
             ),
             redirect=bool(self.boolean(items.get("redirect"))),
             abandon_uploads_after=_default(self.duration(items.get("abandonUploadsAfter")), 3600.0),

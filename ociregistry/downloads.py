@@ -46,6 +46,10 @@ from ociregistry.upstream import Upstream, UpstreamNotFound
 log = Logger()
 
 
+class Stored(Exception):
+    """The blob was recorded in the index after the lookup that started its download: read it from the store."""
+
+
 class BlobDownload(BlobSource):
     """A blob being fetched from upstream into a temporary file."""
 
@@ -289,6 +293,8 @@ class Downloads:
                 await self._download(download, registry, repository)
         except UpstreamNotFound:
             result = Failure(blob_unknown(digest))
+        except Stored:
+            result = Failure()
         except CancelledError:
             result = Failure(ServiceUnavailable(f"download of {digest} was abandoned"))
         except DigestMismatch as e:
@@ -332,6 +338,11 @@ class Downloads:
         digest = download.digest
 
         async def lead() -> None:
+            # The owner before may have recorded the blob and released the lease after this
+            # replica's lookup missed: then nothing is downloaded again.  (Once readers follow a
+            # relay, the download is taken over instead.)
+            if not download.started.fired and await self._index.blob_size(digest) is not None:
+                raise Stored(digest)
             # What a relay spooled before its owner died is uploaded first.
             relayed = download.writer
             download.writer = self._store.begin(digest) if relayed is None else self._store.adopt(relayed)

@@ -760,26 +760,34 @@ class IndexConnection:
                              (created, pulled, digest))
 
     def claim_download(self, registry: str, digest: str, owner: str, now: float,
-                       lease: float) -> tuple[str, str]:
-        """Take the download of a digest for ``owner`` unless another holds a live lease; (owner, expiry) after.
+                       lease: float) -> tuple[str, str, tuple[str, str] | None]:
+        """Take the download of a digest for ``owner`` unless another holds a live lease.
 
-        One statement inserts the lease, or takes over one that has expired
-        (or is ``owner``'s own, from an earlier life): two claimants never both
-        get it.  When it stays another's, that row is locked until the
-        transaction ends, so the owner read next is the one that won.
+        Returns the owner and expiry after, and, when ``owner`` took the lease
+        over, the multipart upload (key, upload id) the previous owner recorded
+        with it, for the new owner to abort.  One statement inserts the lease,
+        or takes over one that has expired (or is ``owner``'s own, from an
+        earlier life): two claimants never both get it.  When it stays
+        another's, that row is locked until the transaction ends, so the owner
+        read next is the one that won.
         """
         with self._writing(), self._transaction():
+            before = self._execute("SELECT upload_key, upload_id FROM downloads WHERE registry = ? AND digest = ?",
+                                   (registry, digest)).fetchone()
             row = self._execute(
                 "INSERT INTO downloads (registry, digest, owner, expires, started) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (registry, digest) DO UPDATE"
-                " SET owner = excluded.owner, expires = excluded.expires, started = excluded.started"
+                " SET owner = excluded.owner, expires = excluded.expires, started = excluded.started,"
+                " upload_key = NULL, upload_id = NULL"
                 " WHERE downloads.expires <= ? OR downloads.owner = excluded.owner"
                 " RETURNING owner, expires",
                 (registry, digest, owner, utc(now + lease), utc(now), utc(now))).fetchone()
             if row is None:
                 row = self._execute("SELECT owner, expires FROM downloads WHERE registry = ? AND digest = ?",
                                     (registry, digest)).fetchone()
-        return str(row[0]), str(row[1])
+                before = None
+        previous = (str(before[0]), str(before[1])) if before and before[0] and before[1] else None
+        return str(row[0]), str(row[1]), previous
 
     def renew_downloads(self, keys: list[tuple[str, str]], owner: str, now: float,
                         lease: float) -> list[tuple[str, str]]:
@@ -799,6 +807,24 @@ class IndexConnection:
         with self._writing(), self._transaction():
             self._executemany("DELETE FROM downloads WHERE registry = ? AND digest = ? AND owner = ?",
                               [(registry, digest, owner) for registry, digest in keys])
+
+    def record_upload(self, keys: list[tuple[str, str]], owner: str, key: str, upload_id: str) -> None:
+        """Note the multipart upload ``owner`` writes these (registry, digest) to, with its leases of them."""
+        with self._writing(), self._transaction():
+            self._executemany("UPDATE downloads SET upload_key = ?, upload_id = ?"
+                              " WHERE registry = ? AND digest = ? AND owner = ?",
+                              [(key, upload_id, registry, digest, owner) for registry, digest in keys])
+
+    def uploads_of(self, owner: str) -> list[tuple[str, str]]:
+        """The multipart uploads (key, upload id) recorded with ``owner``'s leases."""
+        return [(str(key), str(upload_id)) for key, upload_id in self._execute(
+            "SELECT upload_key, upload_id FROM downloads WHERE owner = ? AND upload_key IS NOT NULL"
+            " AND upload_id IS NOT NULL ORDER BY registry, digest", (owner,))]
+
+    def leased_uploads(self, now: float) -> set[str]:
+        """The ids of the multipart uploads recorded with live leases: downloads in progress write to them."""
+        return {str(upload_id) for (upload_id,) in self._execute(
+            "SELECT upload_id FROM downloads WHERE expires > ? AND upload_id IS NOT NULL", (utc(now),))}
 
     def release_downloads_of(self, owner: str) -> int:
         """End every lease ``owner`` holds (those of its previous life at start); how many."""

@@ -19,7 +19,7 @@ import hashlib
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -154,7 +154,7 @@ class S3Store:
     """One bucket (and key prefix) of an S3-compatible store, used without blocking the reactor."""
 
     def __init__(self, config: S3Config, *, reactor: Any, agent: IAgent | None = None,
-                 retries: int = 3, backoff: float = 0.2, timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 0.2, timeout: float | None = None,
                  part_size: int = PART_SIZE) -> None:
         if part_size < MINIMUM_PART:
             raise ValueError(f"S3 parts must be at least {MINIMUM_PART} bytes")
@@ -167,7 +167,8 @@ class S3Store:
         self.retries = retries
         self._clock: IReactorTime = reactor
         self._backoff = backoff
-        self._timeout = timeout
+        # Bounds each request, all its tries together (the configuration's unless given).
+        self._timeout = config.timeout if timeout is None else timeout
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -175,6 +176,10 @@ class S3Store:
         self._credentials = Credentials(config.access_key, config.secret_key)
         self._base = f"{config.endpoint.rstrip('/')}/{quote(config.bucket, safe='')}"
         self._where = f"bucket {config.bucket} at {config.endpoint}"
+        # Multipart uploads (key, upload id) whose abort failed, to abort at the next sweep: an ordered set.
+        self._unaborted: dict[tuple[str, str], None] = {}
+        # The ids of the multipart uploads this process's writers are writing to now.
+        self.writing: set[str] = set()
 
     # The driver's interface
 
@@ -227,9 +232,14 @@ class S3Store:
         await body.deliver(collected)
         return b"".join(collected.chunks)
 
-    def begin(self, key: str, digest: str, limit: int | None = None) -> S3Writer:
-        """Start writing the object at ``key``, whose bytes must hash to ``digest``."""
-        return S3Writer(self, key, digest, limit)
+    def begin(self, key: str, digest: str, limit: int | None = None,
+              began: Callable[[str, str], Awaitable[None]] | None = None) -> S3Writer:
+        """Start writing the object at ``key``, whose bytes must hash to ``digest``.
+
+        ``began`` is told the (key, upload id) of the multipart upload once it
+        is begun, and awaited before its first part is sent.
+        """
+        return S3Writer(self, key, digest, limit, began)
 
     async def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens when there is none)."""
@@ -278,17 +288,42 @@ class S3Store:
                 return found
             token = {"continuation-token": following}
 
-    async def sweep_uploads(self, older_than: float) -> int:
+    async def abort_upload(self, key: str, upload_id: str, retries: int | None = None) -> None:
+        """Abort a multipart upload (one that is gone already is fine); one whose abort fails is retried by
+        ``retry_aborts``."""
+        try:
+            await self._abort_upload(key, upload_id, retries)
+        except StorageUnavailable:
+            self._unaborted[(key, upload_id)] = None
+            raise
+        self._unaborted.pop((key, upload_id), None)
+
+    async def retry_aborts(self) -> int:
+        """Abort again the multipart uploads whose abort failed (the store was failing); how many are gone now.
+
+        StorageUnavailable while the store still fails; those not aborted are tried again next time.
+        """
+        pending = list(self._unaborted)
+        for key, upload_id in pending:
+            await self.abort_upload(key, upload_id)
+            log.info("Aborted the multipart upload of {key}, whose abort had failed", key=key)
+        return len(pending)
+
+    async def sweep_uploads(self, older_than: float, keep: Iterable[str] = ()) -> int:
         """Abort multipart uploads under our prefix begun more than ``older_than`` seconds ago.
 
         These are what a writer that crashed (or was killed) left behind; the
-        count aborted is returned.  Uploads outside the prefix are left alone,
-        so a bucket shared with other software wants a prefix of our own.
+        count aborted is returned.  The uploads this process writes to, and
+        those whose ids are in ``keep`` (other replicas' downloads in
+        progress), are left alone; so are uploads outside the prefix, so a
+        bucket shared with other software wants a prefix of our own.
         """
         cutoff = self._clock.seconds() - older_than
-        stale = [upload for upload in await self.uploads() if upload.initiated < cutoff]
+        live = self.writing | set(keep)
+        stale = [upload for upload in await self.uploads()
+                 if upload.initiated < cutoff and upload.upload_id not in live]
         for upload in stale:
-            await self._abort_upload(upload.key, upload.upload_id)
+            await self.abort_upload(upload.key, upload.upload_id)
             log.info("Aborted a stale multipart upload of {key}", key=upload.key)
         return len(stale)
 
@@ -301,7 +336,7 @@ class S3Store:
         await self._ok(response, "list")
         return f"{self._where}: reachable"
 
-    def check_bucket_now(self, timeout: float = 10.0) -> str:
+    def check_bucket_now(self) -> str:
         """``check_bucket`` with one blocking request, for start-up before the reactor runs."""
         url = self._url(None, {"max-keys": "0"})
         request = AWSRequest(method="GET", url=url, headers={})
@@ -311,7 +346,7 @@ class S3Store:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(urllib.request.Request(url, headers=dict(request.headers.items())),
-                             timeout=timeout) as answer:
+                             timeout=self._timeout) as answer:
                 answer.read()
         except urllib.error.HTTPError as e:
             raise self._refusal(e.code, e.read(), "list") from None
@@ -352,22 +387,32 @@ class S3Store:
 
         Every request we make is idempotent (a repeated part or object PUT writes the
         same bytes again), so each may be retried; a retried CreateMultipartUpload
-        can leave an empty upload behind, which ``sweep_uploads`` removes.
+        can leave an empty upload behind, which ``sweep_uploads`` removes.  The
+        tries together take at most the timeout: a retry starts only while time
+        is left, and has what is left, so that a store that has gone silent is a
+        503 after the timeout, not after a timeout per try.
         """
         url = self._url(None if key is None else self._full(key), query)
         if body is not None and payload_sha256 is None:
             payload_sha256 = hashlib.sha256(body).hexdigest()
         reason = ""
         retries = self.retries if retries is None else retries
+        deadline = self._clock.seconds() + self._timeout
+        tries = 0
         for attempt in range(retries + 1):
             if attempt:
-                await deferLater(self._clock, self._backoff * 2 ** (attempt - 1), lambda: None)
+                pause = self._backoff * 2 ** (attempt - 1)
+                if self._clock.seconds() + pause >= deadline:
+                    break
+                await deferLater(self._clock, pause, lambda: None)
+            tries += 1
             request = AWSRequest(method=method, url=url, headers=dict(headers or {}))
             request.context["payload_sha256"] = payload_sha256 or _EMPTY_SHA256
             _Signer(self._credentials, "s3", self.config.region).add_auth(request)
             try:
                 response = await self._send(method, url, dict(request.headers.items()),
-                                            None if body is None else BytesBody(body))
+                                            None if body is None else BytesBody(body),
+                                            deadline - self._clock.seconds())
             except _Failed as e:
                 reason = str(e)
             else:
@@ -378,12 +423,13 @@ class S3Store:
             log.warn("S3 {what} at {endpoint} failed (try {attempt} of {tries}): {reason}",
                      what=what, endpoint=self.config.endpoint, attempt=attempt + 1,
                      tries=retries + 1, reason=reason)
-        raise StoreFailing(f"S3 {what} at {self.config.endpoint} failed {retries + 1} times: "
-                           f"{reason}", f"{reason}, {retries + 1} tries")
+        told = "once" if tries == 1 else f"{tries} times"
+        raise StoreFailing(f"S3 {what} at {self.config.endpoint} failed {told}: {reason}",
+                           f"{reason}, {tries} {'try' if tries == 1 else 'tries'}")
 
     async def _send(self, method: str, url: str, headers: dict[str, str],
-                    body: IBodyProducer | None) -> IResponse:
-        """One try, with its own timeout; connection failures become ``_Failed``."""
+                    body: IBodyProducer | None, timeout: float) -> IResponse:
+        """One try, given up after ``timeout`` seconds without an answer; connection failures become ``_Failed``."""
         sent = self._http.request(method, url, headers=Headers({k: [v] for k, v in headers.items()}), data=body,
                                   unbuffered=True, allow_redirects=False)
         timed_out: list[bool] = []
@@ -392,16 +438,17 @@ class S3Store:
             timed_out.append(True)
             sent.cancel()
 
-        timer: IDelayedCall = self._clock.callLater(self._timeout, expire)
+        timer: IDelayedCall = self._clock.callLater(timeout, expire)
+        silent = f"no answer in {timeout:.3g} s"
         try:
             return await sent
         except CancelledError:
             if timed_out:
-                raise _Failed(f"no answer in {self._timeout:g} s") from None
+                raise _Failed(silent) from None
             raise
         except _NETWORK as e:
             if timed_out:
-                raise _Failed(f"no answer in {self._timeout:g} s") from None
+                raise _Failed(silent) from None
             if _wraps_cancel(e):
                 raise CancelledError() from None
             raise _Failed(_describe(e)) from None
@@ -564,12 +611,14 @@ class S3Writer:
     smaller than one part is sent as a single PUT by ``commit``.
     """
 
-    def __init__(self, store: S3Store, key: str, digest: str, limit: int | None) -> None:
+    def __init__(self, store: S3Store, key: str, digest: str, limit: int | None,
+                 began: Callable[[str, str], Awaitable[None]] | None = None) -> None:
         self.key = key
         self.digest = digest
         self.size = 0
         self._store = store
         self._limit = limit
+        self._began = began
         self._hash = hashlib.new(digest.partition(":")[0])
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -619,16 +668,16 @@ class S3Writer:
         """Give up: drop the buffer and abort the multipart upload, if one was begun.
 
         The abort is tried once (a writer is often aborted because the store is
-        failing); a failed abort is only logged: ``sweep_uploads`` removes the
-        upload later.
+        failing); a failed abort is logged, and tried again by ``retry_aborts``.
         """
         self._finished = True
         self._chunks, self._buffered = [], 0
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is None:
             return
+        self._store.writing.discard(upload_id)
         try:
-            await self._store._abort_upload(self.key, upload_id, retries=0)
+            await self._store.abort_upload(self.key, upload_id, retries=0)
         except StorageUnavailable as e:
             log.warn("Could not abort the upload of {key}: {error}", key=self.key, error=e.message)
 
@@ -648,6 +697,9 @@ class S3Writer:
     async def _send_part(self) -> None:
         if self._upload_id is None:
             self._upload_id = await self._store._create_upload(self.key)
+            self._store.writing.add(self._upload_id)
+            if self._began is not None:
+                await self._began(self.key, self._upload_id)
         body, sha256 = self._take()
         number = len(self._parts) + 1
         etag = await self._store._upload_part(self.key, self._upload_id, number, body, sha256)
@@ -661,6 +713,7 @@ class S3Writer:
             if self._buffered:
                 await self._send_part()
             await self._store._complete(self.key, self._upload_id, self._parts, self.size)
+            self._store.writing.discard(self._upload_id)
         self._finished = True
         self._upload_id = None
         log.debug("Stored {key} ({size} bytes)", key=self.key, size=self.size)

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, cast
 import yaml
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
@@ -74,6 +74,8 @@ _METRICS_REFRESH_SECONDS = 15.0
 _DISK_THREADS = 4
 # How often /health asks the shared bucket whether it answers.
 _BUCKET_CHECK_SECONDS = 5.0
+# The longest time between two sweeps of stale multipart uploads.
+_SWEEP_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -583,7 +585,7 @@ def open_cache(config: ServerConfig, reactor: Any, metrics: Metrics) -> tuple[Ca
     peers = None
     if isinstance(store, BucketStore) and config.advertise_url is not None:
         # Shared index and bucket, and a URL the others reach this one at: one download per blob between them.
-        cluster = Cluster(index, config.advertise_url, reactor, config.lease_seconds)
+        cluster = Cluster(index, config.advertise_url, reactor, config.lease_seconds, store)
         peers = Agent(reactor, connectTimeout=config.connect_timeout, pool=HTTPConnectionPool(reactor))
     downloads = Downloads(store, index, upstream, metrics, cluster=cluster, peers=peers)
     metrics.track_downloads(lambda: len(downloads))
@@ -677,7 +679,7 @@ def makeService(options: Options) -> IService:
             StreamServerEndpointService(serverFromString(reactor, own_listen), own).setServiceParent(service)
     store = cache.store
     if isinstance(store, BucketStore):
-        BucketService(store).setServiceParent(service)
+        BucketService(store, reactor, cache.cluster).setServiceParent(service)
     cluster = cache.cluster
     if cluster is not None:
         cluster.start_blocking()
@@ -689,20 +691,37 @@ def makeService(options: Options) -> IService:
 
 
 class BucketService(TimerService):
-    """Sweeps the uploads crashed replicas left behind at start, and checks the bucket for /health."""
+    """Checks the bucket for /health; retries failed aborts, and sweeps the uploads crashed replicas left, at
+    start and then every so often (at most every ``_SWEEP_SECONDS``, and as often as uploads grow stale)."""
 
-    def __init__(self, store: BucketStore) -> None:
+    def __init__(self, store: BucketStore, clock: IReactorTime, cluster: Cluster | None = None) -> None:
         super().__init__(_BUCKET_CHECK_SECONDS, self._check)
+        self.clock = self._clock = clock
         self._store = store
-        self._swept = False
+        # Whose leases name the uploads that downloads in progress on other replicas write to.
+        self._cluster = cluster
+        self._next_sweep: float | None = None
 
     def _check(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._run())
 
     async def _run(self) -> None:
-        if not self._swept:
-            self._swept = True
-            await self._store.sweep()
+        now = self._clock.seconds()
+        stale = self._next_sweep is None or now >= self._next_sweep
+        keep: set[str] = set()
+        if stale and self._cluster is not None:
+            try:
+                keep = await self._cluster.leased_uploads()
+            except CancelledError:
+                raise
+            except Exception as e:
+                # Without the leases, another replica's upload in progress cannot be told from a stale one.
+                log.warn("Not sweeping stale uploads: the download leases could not be read ({why})",
+                         why=str(e) or type(e).__name__)
+                stale = False
+        if stale:
+            self._next_sweep = now + min(self._store.abandon_uploads_after, _SWEEP_SECONDS)
+        await self._store.sweep(stale, keep)
         await self._store.check()
 
 

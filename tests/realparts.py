@@ -1227,6 +1227,8 @@ class _FaultyDown(_RelayDown):
         elif fault == "slow":
             self.relay.bytes_up += len(data)
             reactor.callLater(self.relay.delay, self._late, data)
+        elif fault == "silent":
+            pass   # taken, and never answered
         elif self.transport.connected:
             body = (f"<?xml version=\"1.0\"?><Error><Code>{_S3_FAULTS[fault][1]}</Code>"
                     "<Message>injected</Message></Error>").encode()
@@ -1246,7 +1248,8 @@ _S3_FAULTS = {"500": ("Internal Server Error", "InternalError"), "503": ("Servic
 class FaultyRelay(ThrottledRelay):
     """A relay in front of an S3 store that, while ``fault`` is set, answers every request with
     a 500 or 503 (``"500"``, ``"503"``), resets the connection (``"reset"``, also midway through
-    a body), or passes the client's bytes on ``delay`` seconds late (``"slow"``)."""
+    a body), passes the client's bytes on ``delay`` seconds late (``"slow"``), or takes them and
+    never answers (``"silent"``)."""
 
     protocol = _FaultyDown
 

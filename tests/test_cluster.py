@@ -144,16 +144,17 @@ class ClusterTests(SynchronousTestCase):
         self.assertEqual(self.a.held, [])
         self.assertIsInstance(self.claim(self.b), Ours)
 
-    def test_lost_lease_is_told(self) -> None:
-        """A lease left unrenewed past its expiry goes to another replica; the next renewal fires ``lost``."""
+    def test_lost_lease_is_dropped(self) -> None:
+        """A lease left unrenewed past its expiry goes to another replica; the next renewal drops it, and the
+        first owner's release at the end of its download leaves the new owner's lease alone."""
         ours = self.claim(self.a)
         assert isinstance(ours, Ours)
         self.clock.advance(LEASE)
         self.assertIsInstance(self.claim(self.b), Ours)
-        self.assertNoResult(ours.lost)
         self.successResultOf(Deferred.fromCoroutine(self.a.renew()))
-        self.successResultOf(ours.lost)
         self.assertEqual((self.a.held, self.b.held), ([], [("docker.io", BLOB)]))
+        self.successResultOf(Deferred.fromCoroutine(self.a.release("docker.io", BLOB)))
+        self.assertEqual(self.claim(self.a), Peer(B, self.clock.seconds() + LEASE))
 
     def test_renewal_racing_a_release(self) -> None:
         """A lease released and claimed anew while a renewal was on its way is not taken for lost."""
@@ -171,8 +172,6 @@ class ClusterTests(SynchronousTestCase):
         assert isinstance(first, Ours) and isinstance(second, Ours)
         renewing.callback([("docker.io", BLOB)])
         self.successResultOf(renewal)
-        self.assertNoResult(first.lost)
-        self.assertNoResult(second.lost)
         self.assertEqual(self.a.held, [("docker.io", BLOB)])
 
     def test_takeover_waits_for_expiry(self) -> None:
