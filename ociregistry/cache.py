@@ -196,7 +196,7 @@ class Cache:
                 found = await self._fetch(where, reference)
         else:
             found = await self._tagged(where, reference)
-        self._index.record_pull(found.record.digest)
+        await self._index.record_pull(found.record.digest, found.record.pulled)
         return found
 
     async def _tagged(self, where: Where, tag: str) -> Manifest:

@@ -156,7 +156,8 @@ def prune(index: IndexConnection, store: BlobStore, criteria: Criteria, dry_run:
     its next read, a resumed range too, a 404.  What a replica may be serving
     is what clients pulled recently: a pull reads its manifest and then, within
     moments, its blobs, and the pull times every replica records (batched
-    every few seconds) say when.  A blob fetched without a cached manifest is
+    every few seconds, and written before the manifest is answered when the
+    one in the index is old: Index.record_pull) say when.  A blob fetched without a cached manifest is
     judged by when it was recorded.
     """
     if grace is None:

@@ -10,9 +10,14 @@ from typing import Any
 
 import psycopg
 import treq
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
 
+from ociregistry.index import Index, Reference, utc
+from ociregistry.postgres import PostgresEngine
 from ociregistry.s3 import key_for
+from tests.postgres_service import fresh_database
 from tests.realparts import (
     Server,
     ThrottledRelay,
@@ -21,7 +26,7 @@ from tests.realparts import (
     start_registry,
     start_relay,
 )
-from tests.services import ReplicaTestCase, shared_cache_problems, until
+from tests.services import ReplicaTestCase, bucket_objects, shared_cache_problems, until
 from tests.test_load import run_cli
 from tests.test_replica_references import Published, publish_image, pull
 
@@ -134,6 +139,47 @@ class ReplicaPruneTests(ReplicaTestCase):
         self.assertEqual(self.query("SELECT size FROM blobs WHERE digest = %s", layer), [(len(large),)])
         self.assertEqual(await shared_cache_problems(self.s3, self.database), [])
 
+    async def test_prune_while_another_replica_serves_a_slow_client(self) -> None:
+        """A client pulls an image last pulled long ago through A and reads a blob slowly from the bucket: prunes
+        through B and the CLI keep it (the grace counts A's pull), the object stays, and the body verifies."""
+        registry = await start_registry(self.path("registry"), test=self, address="127.0.32.7")
+        image = Published("team/y", "v1")
+        large = os.urandom(6 * MIB)
+        await publish_image(registry, image, b'{"image": "y"}', [large], image.tag)
+        layer = next(digest for digest, blob in image.blobs.items() if blob is large)
+        registries = [{"name": registry.host, "scheme": "http"}]
+        a = await self.replica("a", registries)
+        _, admin = await self.admin_replica("b", registries)
+        web = WebClient()
+        self.addCleanup(web.close)
+        self.assertEqual(await pull(web, a, registry.host, "team/y", "v1"), {*image.manifests, *image.blobs})
+        await until(lambda: self.s3.stat(key_for(layer)))
+        # Long unused: a prune with the default grace would take it.
+        with psycopg.connect(self.database) as db:
+            db.execute("UPDATE manifests SET created = '2000-01-01T00:00:00Z', pulled = '2000-01-01T00:00:00Z'")
+        self.assertIn("would remove 1 images", await self.admin_prune(admin, expr="team/y", dryRun="true"))
+
+        # A slow client of A: 1.5 MiB/s through a relay.
+        slow = ThrottledRelay(("127.0.0.1", a.port), 1.5 * MIB)
+        self.addCleanup(slow.stop)
+        await slow.start("127.0.32.17")
+        slow_web = WebClient()
+        self.addCleanup(slow_web.close)
+        response = await slow_web.client.get(f"http://{slow.host}/v2/team/y/manifests/v1?ns={registry.host}")
+        self.assertEqual(await response.content(), image.manifests[image.digest])
+        body = SlowBody(slow_web, f"http://{slow.host}/v2/team/y/blobs/{layer}?ns={registry.host}")
+        await until(lambda: Deferred.fromCoroutine(_now(lambda: body.size)), lambda size: size > 0)
+        self.assertIn("removed 0 images, 0 manifests, 0 blobs", await self.admin_prune(admin, expr="team/y"))
+        self.assertIn("removed 0 images, 0 manifests, 0 blobs", await self.cli_prune("--pattern", "team/y"))
+        self.assertEqual(await self.s3.stat(key_for(layer)), len(large))
+        self.assertLess(body.size, len(large))
+        await body.done
+        self.assertEqual((body.code, body.digest), (200, layer))
+        self.assertEqual(await shared_cache_problems(self.s3, self.database), [])
+        # It was the grace that kept it: without one, the image and its objects go.
+        self.assertIn("removed 1 images, 1 manifests, 2 blobs", await self.admin_prune(admin, expr="team/y", grace="0"))
+        self.assertEqual(await bucket_objects(self.s3), {})
+
     async def test_prune_while_a_replica_fetches_again_what_it_removes(self) -> None:
         """A pull through A fetches an image again while the CLI prune that removed its rows is still deleting
         objects: the prune leaves the new objects, so every row has its object, and B serves the image."""
@@ -165,6 +211,29 @@ class ReplicaPruneTests(ReplicaTestCase):
         await registry.stop()
         b = await self.replica("b", registries)
         self.assertEqual(await pull(web, b, registry.host, x.repository, x.tag), {*x.manifests, *x.blobs})
+
+
+class PullTimeTests(TestCase):
+    """What another replica's prune sees of this replica's pulls, on a shared index."""
+
+    async def test_a_pull_after_long_is_written_at_once(self) -> None:
+        """A pull of a manifest last pulled long ago is in the index when record_pull fires; a recent one is batched."""
+        index = Index(PostgresEngine(fresh_database(self), reactor))
+        self.addCleanup(index.close)
+        manifest = "sha256:" + "a" * 64
+        await index.record_manifest(manifest, "application/vnd.oci.image.manifest.v1+json", 50, "quay.io",
+                                    "team/app", [Reference("sha256:" + "c" * 64, "layer", "x", 100)], tag="v1")
+        old = "2000-01-01T00:00:00Z"
+        await index.set_times(manifest, old, old)
+        await index.record_pull(manifest, old)
+        record = await index.manifest(manifest)
+        self.assertGreater(record.pulled if record else old, old)
+        recent = utc(reactor.seconds() - 5)
+        await index.set_times(manifest, old, recent)
+        await index.record_pull(manifest, recent)
+        record = await index.manifest(manifest)
+        self.assertEqual(record.pulled if record else None, recent)
+        self.assertEqual(await index.flush_pulls(), 1)
 
 
 async def _now(ask: Any) -> Any:
