@@ -49,7 +49,7 @@ class RedirectedPullTests(ReplicaTestCase):
         pulled = await skopeo_copy_all(f"{a.host}/{registry.host}/team/app:v1", self.path("via-a"))
         self.assertEqual((pulled.digest, pulled.blobs), (image.digest, image.blobs))
         for digest in image.blobs:
-            await until(lambda: self.s3.stat(key_for(digest)))
+            await until(lambda digest=digest: self.s3.stat(key_for(digest)))
         await registry.stop()
         relay = ThrottledRelay(("127.0.0.1", int(self.rgw.endpoint.rpartition(":")[2])), None)
         self.addCleanup(relay.stop)

@@ -1,5 +1,9 @@
 """A prune from one replica (its admin API, or the CLI with the shared configuration) never removes what
-another replica is downloading, serving, or fetching again while the prune deletes objects."""
+another replica is downloading, serving, or fetching again while the prune deletes objects.
+
+tests/test_prune_bucket.py shows each kind of prune deleting the objects of the rows it removed, on an
+index and bucket the test fills; here real replicas pull, download and serve while the prune runs.
+"""
 
 from __future__ import annotations
 
@@ -195,7 +199,7 @@ class ReplicaPruneTests(ReplicaTestCase):
         for image in images:
             await pull(web, a, registry.host, image.repository, image.tag)
         for digest in {d for image in images for d in image.blobs}:
-            await until(lambda: self.s3.stat(key_for(digest)))
+            await until(lambda digest=digest: self.s3.stat(key_for(digest)))
         # The prune reaches the bucket through a relay slow enough that its deletes take seconds.
         bucket = ThrottledRelay(("127.0.0.1", int(self.rgw.endpoint.rpartition(":")[2])), 1500)
         self.addCleanup(bucket.stop)

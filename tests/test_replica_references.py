@@ -177,7 +177,7 @@ class ConcurrentReferenceTests(ReplicaTestCase):
         for image, digests in zip(images * 2 * len(REPLICAS), pulled, strict=True):
             self.assertEqual(digests, {*image.manifests, *image.blobs})
         for digest in {d for image in images for d in image.blobs}:
-            await until(lambda: self.s3.stat(key_for(digest)))
+            await until(lambda digest=digest: self.s3.stat(key_for(digest)))
         await self.assert_references_right(images)
         await registry.settled()
         blobs = {d for image in images for d in image.blobs}
