@@ -205,7 +205,7 @@ class Cache:
                 found = await self._fetch(where, reference, peer)
         else:
             found = await self._tagged(where, reference, peer)
-        self._index.record_pull(found.record.digest)
+        await self._index.record_pull(found.record.digest, found.record.pulled)
         return found
 
     async def _tagged(self, where: Where, tag: str, peer: bool) -> Manifest:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
@@ -350,9 +350,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # The rows' transactions have committed: a crash now leaves objects that check --repair deletes.
         s3 = S3Store(storage.s3, reactor=reactor)
         try:
-            digests = pruned_digests(removal)
-            used = still_used(index, digests)
-            deleted = await remove_objects(s3, [digest for digest in digests if digest not in used])
+            deleted = await remove_objects(s3, pruned_digests(removal),
+                                           lambda digests: succeed(still_used(index, digests)))
         except StorageUnavailable as e:
             print(f"ociregistry prune: the rows are gone, but deleting their objects failed: {e.message}; "
                   "'ociregistry check --repair' deletes them later", file=sys.stderr)

@@ -52,6 +52,9 @@ BATCH_SECONDS = 0.02
 LOCK_POLL_SECONDS = 0.001
 # The advisory lock of background pruning, so that one replica prunes at a time.
 PRUNE_LOCK = 0x6F63697265670002
+# A pull of a manifest whose pull time is older than this is written at once on a shared
+# index (see Index.record_pull): well inside the grace of a prune (SHARED_GRACE_SECONDS).
+PULL_WRITE_THROUGH_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -313,9 +316,28 @@ class Index:
         """None if the index answers a query, else why not."""
         return self.engine.problem()
 
-    def record_pull(self, digest: str) -> None:
-        """Note that a client pulled a manifest; written later in a batch."""
-        self._pulls[digest] = self._clock.seconds()
+    def record_pull(self, digest: str, last: str | None = None) -> Deferred[int]:
+        """Note that a client pulled a manifest; written later in a batch, or at once on a shared index
+        when the pull time it holds (``last``) is older than PULL_WRITE_THROUGH_SECONDS.
+
+        Another replica's prune keeps what was pulled within its grace, judged by
+        the pull times in the index: a manifest pulled again after a long while
+        must say so there before the client reads its blobs, not at the next flush.
+        Fires once written (never with a failure: serving never depends on it).
+        """
+        now = self._clock.seconds()
+        self._pulls[digest] = now
+        if not self.engine.shared or last is None or last >= utc(now - PULL_WRITE_THROUGH_SECONDS):
+            return succeed(0)
+        # A client that goes away stops waiting; the write goes on.
+        written: Deferred[int] = Deferred()
+        self.flush_pulls().addErrback(self._pulls_not_written).addCallback(
+            lambda count: None if written.called else written.callback(count))
+        return written
+
+    def _pulls_not_written(self, failure: Failure) -> int:
+        log.failure("Could not record pull times", failure)
+        return 0
 
     def flush_pulls(self) -> Deferred[int]:
         """Write the pull times noted since the last flush in one transaction; how many.

@@ -13,7 +13,9 @@ fetches the content again.
 
 On a bucket (``storage.s3``) the rows go the same way, and the objects of
 what they named are deleted after the transactions commit (``delete_pruned``),
-unless a row names the digest again or a replica is downloading it: a crash
+unless a row names the digest again or a replica is downloading it, asked
+just before each delete (a replica may fetch any of them again while a long
+list is deleted): a crash
 in between leaves objects no row names, which ``check --repair`` on the
 bucket deletes once they are older than a grace (``check_bucket``).
 
@@ -154,7 +156,8 @@ def prune(index: IndexConnection, store: BlobStore, criteria: Criteria, dry_run:
     its next read, a resumed range too, a 404.  What a replica may be serving
     is what clients pulled recently: a pull reads its manifest and then, within
     moments, its blobs, and the pull times every replica records (batched
-    every few seconds) say when.  A blob fetched without a cached manifest is
+    every few seconds, and written before the manifest is answered when the
+    one in the index is old: Index.record_pull) say when.  A blob fetched without a cached manifest is
     judged by when it was recorded.
     """
     if grace is None:
@@ -178,10 +181,20 @@ def pruned_digests(removal: Removal) -> list[str]:
     return sorted({digest for digest, _ in removal.manifests + removal.blobs})
 
 
-async def remove_objects(s3: S3Store, digests: Iterable[str]) -> int:
-    """Delete the bucket's objects of these digests, one after another; how many."""
+async def remove_objects(s3: S3Store, digests: Iterable[str],
+                         used: Callable[[list[str]], Deferred[set[str]]]) -> int:
+    """Delete the bucket's objects of these digests one after another, each unless ``used`` (``still_used``)
+    says just before its delete that it is named or downloaded again; how many were deleted.
+
+    Asked object by object, not once for all: deleting many objects takes a
+    while, and meanwhile any replica may fetch one of them again, whose new
+    object has the same key and whose row names it.  What is left is the
+    moment between the question and the delete reaching the bucket.
+    """
     count = 0
     for digest in digests:
+        if digest in await used([digest]):
+            continue
         await s3.delete(key_for(digest))
         count += 1
     return count
@@ -221,11 +234,8 @@ def log_removal(lines: list[str], what: str) -> None:
 
 async def delete_pruned(index: Index, s3: S3Store, removal: Removal, to_thread: ToThread = inline) -> int:
     """After a prune's rows are gone (committed), delete their objects from the bucket unless used again."""
-    digests = pruned_digests(removal)
-    if not digests:
-        return 0
-    used = await on_own_connection(index, to_thread, lambda own: still_used(own, digests))
-    return await remove_objects(s3, [digest for digest in digests if digest not in used])
+    return await remove_objects(s3, pruned_digests(removal), lambda digests: on_own_connection(
+        index, to_thread, lambda own: still_used(own, digests)))
 
 
 async def prune_pass(index: Index, store: BlobStore, settings: PruneSettings, clock: IReactorTime,
@@ -351,11 +361,10 @@ async def check_bucket(index: IndexConnection, s3: S3Store, repair: bool = False
     named = {digest for digest, _, _ in rows}
     candidates = [digest for digest, entry in listed.items() if digest not in named and entry.modified <= settled]
     used = still_used(index, candidates)
-    for digest in candidates:
-        if digest not in used:
-            problems.append(Problem(digest, "object", "not in the index"))
-            if repair:
-                await s3.delete(key_for(digest))
+    orphans = [digest for digest in candidates if digest not in used]
+    problems += [Problem(digest, "object", "not in the index") for digest in orphans]
+    if repair:
+        await remove_objects(s3, orphans, lambda digests: succeed(still_used(index, digests)))
     return problems
 
 

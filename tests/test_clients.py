@@ -224,6 +224,35 @@ class ContainerdTests(TestCase):
         await self.check_pull(containerd, registry, image, hosts_dir)
 
 
+async def podman_pull(test: TestCase, upstream: str, mirror: str, reference: str,
+                      platform: str = "linux/amd64") -> list[str]:
+    """Pull one platform with podman, its registries.conf naming `mirror` (SERVER/UPSTREAM) as the
+    mirror of `upstream`: the pulled image's [id, digest]."""
+    # podman refuses a runroot path longer than 50 characters, so its home is kept short.
+    home = tempfile.mkdtemp(prefix="podman-", dir="/tmp")
+    test.addCleanup(shutil.rmtree, home, True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "TMPDIR": home,
+        "XDG_RUNTIME_DIR": home,
+        "CONTAINERS_CONF": write(os.path.join(home, "containers.conf"), ""),
+        "CONTAINERS_STORAGE_CONF": write(os.path.join(home, "storage.conf"), (
+            f'[storage]\ndriver = "vfs"\nrunroot = "{home}/run"\ngraphroot = "{home}/root"\n')),
+        "CONTAINERS_REGISTRIES_CONF": write(os.path.join(home, "registries.conf"), (
+            f'[[registry]]\nprefix = "{upstream}"\nlocation = "{upstream}"\n\n'
+            f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n')),
+    }
+    policy = write(os.path.join(home, "policy.json"),
+                   json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    podman = ["--root", os.path.join(home, "root"), "--runroot", os.path.join(home, "run"),
+              "--tmpdir", os.path.join(home, "tmp"), "--storage-driver", "vfs",
+              "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
+    await run("podman", [*podman, "pull", "--quiet", "--signature-policy", policy,
+                         "--platform", platform, reference], env, home)
+    inspected = await run("podman", [*podman, "image", "inspect", "--format",
+                                     "{{.Id}} {{.Digest}}", reference], env, home)
+    return inspected.split()
+
+
 class PodmanTests(TestCase):
     """podman's registries.conf mirror in the path-prefix form sends a pull to the server."""
 
@@ -239,32 +268,11 @@ class PodmanTests(TestCase):
                        yaml.safe_dump({"registries": [{"name": registry.host, "scheme": "http"}]}))
         server = await start_server(os.path.join(base, "cache"), test=self,
                                     args=("--config-file", config))
-        # podman refuses a runroot path longer than 50 characters.
-        home = tempfile.mkdtemp(prefix="podman-")
-        self.addCleanup(shutil.rmtree, home, True)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "TMPDIR": home,
-            "XDG_RUNTIME_DIR": home,
-            "CONTAINERS_CONF": write(os.path.join(home, "containers.conf"), ""),
-            "CONTAINERS_STORAGE_CONF": write(os.path.join(home, "storage.conf"), (
-                f'[storage]\ndriver = "vfs"\nrunroot = "{home}/run"\ngraphroot = "{home}/root"\n')),
-            "CONTAINERS_REGISTRIES_CONF": write(os.path.join(home, "registries.conf"), (
-                f'[[registry]]\nprefix = "{registry.host}"\nlocation = "{registry.host}"\n\n'
-                f'[[registry.mirror]]\nlocation = "{server.host}/{registry.host}"\ninsecure = true\n')),
-        }
-        policy = write(os.path.join(home, "policy.json"),
-                       json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-        podman = ["--root", os.path.join(home, "root"), "--runroot", os.path.join(home, "run"),
-                  "--tmpdir", os.path.join(home, "tmp"), "--storage-driver", "vfs",
-                  "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
         await registry.settled()
         offset = os.path.getsize(registry.log_path)
-        reference = f"{registry.host}/team/app:v1"
-        await run("podman", [*podman, "pull", "--quiet", "--signature-policy", policy,
-                             "--platform", "linux/amd64", reference], env, home)
-        inspected = await run("podman", [*podman, "image", "inspect", "--format",
-                                         "{{.Id}} {{.Digest}}", reference], env, home)
+        inspected = await podman_pull(self, registry.host, f"{server.host}/{registry.host}",
+                                      f"{registry.host}/team/app:v1")
         amd64 = json.loads(image.manifest_bytes(image.manifests["linux/amd64"]))
-        self.assertEqual(inspected.split(), [amd64["config"]["digest"].split(":")[1], image.digest])
+        self.assertEqual(inspected, [amd64["config"]["digest"].split(":")[1], image.digest])
         await registry.settled()
         self.assertEqual(agents_since(registry, offset), {f"ociregistry/{__version__}"})
