@@ -125,6 +125,12 @@ class Cluster:
                 return result
             await deferLater(self.clock, max(0.0, result.expires - self.clock.seconds()), lambda: None)
 
+    async def outlast(self, registry: str, digest: str, poll: float = 0.5) -> None:
+        """Wait until no other replica holds a live lease of a download (it ended, or its owner died)."""
+        while await self.index.run(IndexConnection.download_owner, registry, digest,
+                                   self.clock.seconds()) not in (None, self.url):
+            await deferLater(self.clock, poll, lambda: None)
+
     async def renew(self) -> None:
         """Extend every lease this replica holds; one found taken over fires its ``lost``.  Errors are logged."""
         renewing = dict(self._held)
