@@ -16,7 +16,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -63,7 +63,7 @@ class BucketBlob(RemoteBlob):
 class BucketWriter:
     """A spool file that readers follow, uploaded to the bucket as it grows; completed once verified."""
 
-    def __init__(self, spool: Writer, upload: S3Writer) -> None:
+    def __init__(self, spool: Writer, upload: S3Writer, aborting: set[Deferred[None]] | None = None) -> None:
         self.digest = spool.digest
         self.path = spool.path
         # One upload of a digest cannot be told from another replica's: an object whose
@@ -76,6 +76,8 @@ class BucketWriter:
         self._pump: Deferred[None] | None = None
         self._room: Deferred[None] | None = None
         self._reader: int | None = os.open(spool.path, os.O_RDONLY | os.O_CLOEXEC)
+        # The store's aborts still under way, which closing it waits for.
+        self._aborting = set() if aborting is None else aborting
 
     @property
     def size(self) -> int:
@@ -153,8 +155,11 @@ class BucketWriter:
         if self._pump is not None:
             self._pump.cancel()
         self.release()
-        Deferred.fromCoroutine(self._upload.abort()).addErrback(
-            lambda failure: log.failure("Aborting the upload of {digest}", failure, digest=self.digest))
+        aborted = Deferred.fromCoroutine(self._upload.abort())
+        aborted.addErrback(lambda failure: log.failure("Aborting the upload of {digest}", failure, digest=self.digest))
+        if not aborted.called:
+            self._aborting.add(aborted)
+            aborted.addBoth(lambda _: self._aborting.discard(aborted))
 
     def release(self) -> None:
         """Drop the spool file (readers that opened it keep their descriptors)."""
@@ -175,6 +180,7 @@ class BucketStore:
         self.root = spool.root
         self._spool = spool
         self._problem: str | None = None
+        self._aborting: set[Deferred[None]] = set()
         # Told (digest, key, upload id) of each multipart upload once begun: a cluster records it with its lease.
         self.upload_begun: Callable[[str, str, str], Awaitable[None]] | None = None
 
@@ -249,7 +255,7 @@ class BucketStore:
         assert isinstance(spool, Writer), "a relay spools to a file (relay)"
         digest = spool.digest
         began = None if self.upload_begun is None else partial(self.upload_begun, digest)
-        return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit, began))
+        return BucketWriter(spool, self.s3.begin(key_for(digest), digest, limit, began), self._aborting)
 
     async def open_blob(self, digest: str, size: int) -> BucketBlob | None:
         """The blob in the bucket, as the index recorded it, or None when the bucket holds no such object.
@@ -267,5 +273,6 @@ class BucketStore:
         return await self.s3.read(key_for(digest))
 
     async def close(self) -> None:
-        """Close the connections to the bucket."""
+        """Let the aborts of failed uploads end, then close the connections to the bucket."""
+        await DeferredList(list(self._aborting))
         await self.s3.close()

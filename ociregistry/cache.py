@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ociregistry.bucket import BucketStore
 from ociregistry.cluster import Cluster, Peer, PeerNotFound, manifest_subject, open_from_peer
 from ociregistry.content import BlobSource, ContentStore, RemoteBlob
-from ociregistry.downloads import Downloads, Stored
+from ociregistry.downloads import BlobDownload, Downloads, Stored
 from ociregistry.errors import (
     DigestMismatch,
     InvalidDigest,
@@ -441,6 +441,17 @@ class Cache:
         if peer and download.relayed_from is not None:
             raise ServiceUnavailable(f"this replica streams {digest} from {download.relayed_from}; ask it")
         return download
+
+    async def store_blob(self, where: Where, digest: str) -> BlobDownload | None:
+        """Have a blob stored without reading it (a load): the download that stores it, or None once it is."""
+        stored = await self._stored_blob(digest)
+        if stored is not None:
+            if isinstance(stored, BlobSource):
+                stored.close()
+            return None
+        if self._freshness.air_gapped:
+            raise air_gapped_error(blob_unknown(digest))
+        return await self._downloads.store(where.registry, where.repository, digest)
 
     async def blob_size(self, where: Where, digest: str) -> int | None:
         """A blob's size for HEAD, asking upstream without downloading when not cached."""

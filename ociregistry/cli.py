@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import time
+import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred, succeed
@@ -17,11 +20,13 @@ from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from ociregistry import __version__
+from ociregistry.bucket import BucketStore
+from ociregistry.cache import Cache
 from ociregistry.config import ConfigError, FileSettings, load_config_file, parse_duration, parse_size
 from ociregistry.downloads import BlobDownload
 from ociregistry.errors import OCIError, StorageUnavailable
 from ociregistry.index import CachedImage, Index, IndexConnection, index_engine
-from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, load_files, threaded_store
+from ociregistry.load import Importer, Loaded, Loader, LoadError, host_platform, in_threads, load_files
 from ociregistry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from ociregistry.metrics import Metrics
 from ociregistry.migrate import Migration, MigrationProgress
@@ -44,7 +49,7 @@ from ociregistry.prune import (
 from ociregistry.s3 import S3Store
 from ociregistry.sqlite import SqliteEngine
 from ociregistry.store import CacheUnusable
-from ociregistry.tap import Options, build_config, open_cache
+from ociregistry.tap import Options, ServerConfig, build_config, open_cache
 
 DEFAULT_IMAGE_PATH = "/var/lib/ociregistry"
 _TYPES = {OCI_INDEX: "oci-index", DOCKER_LIST: "docker-list", OCI_MANIFEST: "oci-image",
@@ -78,11 +83,42 @@ def _image_path(args: argparse.Namespace) -> str:
     return os.path.abspath(args.image_path or _settings(args).image_path or DEFAULT_IMAGE_PATH)
 
 
-def _files_only(args: argparse.Namespace, command: str) -> None:
-    """Refuse a command that reads or writes files under the image path when content is in a bucket."""
-    if getattr(args, "config_file", None) and _settings(args).storage is not None:
-        raise CommandError(f"{command} works on files under the image path; with storage.s3 the content "
-                           "is in the bucket, which it does not handle yet")
+def _cache_config(args: argparse.Namespace, **options: Any) -> ServerConfig:
+    """The server's configuration for a command that fills the cache (load, import-go-cache).
+
+    With ``storage.s3`` the command spools under a directory of its own in the
+    image path's ``tmp/`` (a replica running on the same node keeps its own
+    spool), and takes no download leases: other replicas could not reach it.
+    """
+    given = Options()
+    given.update({"image-path": args.image_path, "index-url": args.index_url, **options})
+    try:
+        config = build_config(given, _settings(args))
+    except usage.UsageError as e:
+        raise CommandError(str(e)) from None
+    if config.storage is None:
+        return config
+    spool = os.path.join(config.image_path, "tmp", f"{args.command}-{uuid.uuid4().hex[:12]}")
+    return replace(config, image_path=spool, advertise_url=None)
+
+
+def _opened(config: ServerConfig, command: str, reactor: Any) -> tuple[Cache, Index]:
+    """The cache a command fills; a cache that cannot be used ends the command in one line."""
+    try:
+        cache, index, _ = open_cache(config, reactor, Metrics())
+    except CacheUnusable as e:
+        print(f"ociregistry {command}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return cache, index
+
+
+async def _closed(cache: Cache, config: ServerConfig) -> None:
+    """Close a command's cache; a spool of its own goes too."""
+    await cache.close()
+    if isinstance(cache.store, BucketStore):
+        # The aborts of uploads that failed end before the command does.
+        await cache.store.close()
+        shutil.rmtree(config.image_path, ignore_errors=True)
 
 
 def _index(args: argparse.Namespace, writable: bool) -> IndexConnection:
@@ -168,33 +204,22 @@ class Progress:
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Fill the cache from image lists and tarballs."""
-    _files_only(args, "load")
-    options = Options()
-    options.update({"image-path": args.image_path, "index-url": args.index_url, "default-ns": args.default_ns,
-                    "pull-timeout": args.pull_timeout})
-    try:
-        config = build_config(options, _settings(args))
-    except usage.UsageError as e:
-        raise CommandError(str(e)) from None
+    config = _cache_config(args, **{"default-ns": args.default_ns, "pull-timeout": args.pull_timeout})
     for path in args.files:
         if not os.path.isfile(path):
             raise CommandError(f"{path}: no such file")
     platform = None if args.all_platforms else host_platform(args.os, args.arch, args.variant)
 
     async def work(reactor: Any) -> None:
-        try:
-            cache, index, _ = open_cache(config, reactor, Metrics())
-        except CacheUnusable as e:
-            print(f"ociregistry load: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        cache, index = _opened(config, "load", reactor)
         progress = Progress(sys.stdout, reactor, sys.stdout.isatty())
-        loader = Loader(cache, index, threaded_store(config.image_path, reactor), platform,
-                        config.default_ns, progress.downloading)
+        loader = Loader(cache, index, cache.store, platform, config.default_ns, progress.downloading,
+                        in_threads(reactor))
         try:
             failures = await load_files(loader, args.files, args.concurrency, progress.report, args.name)
         finally:
             progress.finish()
-            await cache.close()
+            await _closed(cache, config)
         if failures:
             raise SystemExit(1)
 
@@ -204,23 +229,19 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_import_go_cache(args: argparse.Namespace) -> int:
     """Import the Go server's image store."""
-    _files_only(args, "import-go-cache")
     if not os.path.isdir(args.source):
         raise CommandError(f"--from {args.source}: no such directory")
-    image_path = _image_path(args)
-    os.makedirs(image_path, exist_ok=True)
+    config = _cache_config(args)
 
     async def work(reactor: Any) -> None:
-        store = threaded_store(image_path, reactor)
-        store.prepare()
-        index = Index(SqliteEngine(os.path.join(image_path, "index.db"), reactor))
+        cache, index = _opened(config, "import-go-cache", reactor)
         try:
-            loaded, problems = await Importer(index, store).import_go_cache(args.source)
+            loaded, problems = await Importer(index, cache.store, in_threads(reactor)).import_go_cache(args.source)
         except LoadError as e:
             print(f"ociregistry import-go-cache: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         finally:
-            await index.close()
+            await _closed(cache, config)
         for item in loaded:
             print(f"imported {item.name} {item.digest} ({item.blobs} blobs)")
         for problem in problems:

@@ -227,6 +227,12 @@ class Cluster:
             log.warn("Releasing the lease of {subject} failed ({why}); it expires unrenewed",
                      subject=subject, why=str(e))
 
+    async def outlast(self, registry: str, digest: str, poll: float = 0.5) -> None:
+        """Wait until no other replica holds a live lease of a download (it ended, or its owner died)."""
+        while await self.index.run(IndexConnection.download_owner, registry, digest,
+                                   self.clock.seconds()) not in (None, self.url):
+            await deferLater(self.clock, poll, lambda: None)
+
     async def renew(self) -> None:
         """Extend every lease this replica holds; one found taken over is dropped, its download goes on.
 

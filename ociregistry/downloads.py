@@ -272,11 +272,31 @@ class Downloads:
     def _prefetch_one(self, registry: str, repository: str, digest: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._prefetch(registry, repository, digest))
 
+    async def store(self, registry: str, repository: str, digest: str) -> BlobDownload | None:
+        """The download that stores a blob nobody waits to read (a prefetch, a load); None once stored, or closing.
+
+        While another replica holds the blob's lease, this waits for the lease to
+        end and looks again rather than relay bytes it would not store; a replica
+        still preloading answers no peer, so two relaying each other would wait forever.
+        """
+        key = (registry, digest)
+        while await self._index.blob_size(digest) is None and not self._closed:
+            if self.cluster is not None and key not in self._running:
+                claim = await self.cluster.claim(registry, digest)
+                if isinstance(claim, Peer):
+                    await self.cluster.outlast(registry, digest)
+                    continue
+                if await self._index.blob_size(digest) is not None:
+                    # Stored by the owner between the look and the claim.
+                    await self.cluster.release(registry, digest)
+                    return None
+            return self.fetch(registry, repository, digest)
+        return None
+
     async def _prefetch(self, registry: str, repository: str, digest: str) -> None:
-        if self._closed or await self._index.blob_size(digest) is not None or self._closed:
-            # (Closed while the index answered, too.)
+        download = None if self._closed else await self.store(registry, repository, digest)
+        if download is None:
             return
-        download = self.fetch(registry, repository, digest)
         waiting = download.finished.observe()
         # A failed prefetch is logged by the download; the image is fetched on demand later.
         waiting.addErrback(lambda failure: None)

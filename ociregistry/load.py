@@ -4,8 +4,10 @@ An image list names references, one a line; each is pulled through the same
 cache, coalescing and verified downloads as a client's pull, and the tag stays
 on the index or list, with the chosen platforms' manifests and blobs cached
 beside it.  Tarballs (``docker save``, or an OCI image layout, plain or gzip)
-and the Go server's store are read locally, every file checked against its
-digest as it is written.
+and the Go server's store are read locally (in a thread, a chunk at a time),
+every file checked against its digest as it is written: into files under the
+image path or, with ``storage.s3``, the bucket, through the same ContentStore
+as a download, so an object is completed only once verified and then recorded.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ociregistry.bucket import BucketStore
 from ociregistry.cache import Cache
+from ociregistry.content import BlobSource, ContentStore
 from ociregistry.downloads import BlobDownload
 from ociregistry.errors import OCIError
 from ociregistry.grammar import DOCKER_HUB, Upstream, check_digest, check_tag, is_digest, resolve_upstream
-from ociregistry.index import Index, utc
+from ociregistry.index import Index, IndexConnection, ToThread, utc
 from ociregistry.manifests import DOCKER_MANIFEST, IMAGE_TYPES, INDEX_TYPES, KNOWN_TYPES, describe
+from ociregistry.prune import inline, still_used
+from ociregistry.s3 import key_for
 from ociregistry.store import BlobStore, DigestMismatch
 
 log = Logger()
@@ -123,7 +129,12 @@ def read_image_list(path: str) -> list[str]:
 
 def threaded_store(image_path: str, reactor: Any) -> BlobStore:
     """The store of an image path, syncing files in the reactor's thread pool."""
-    return BlobStore(image_path, partial(deferToThreadPool, reactor, reactor.getThreadPool()))
+    return BlobStore(image_path, in_threads(reactor))
+
+
+def in_threads(reactor: Any) -> ToThread:
+    """Runs blocking work (reading a tarball, hashing) in the reactor's thread pool."""
+    return partial(deferToThreadPool, reactor, reactor.getThreadPool())
 
 
 def _go_time(text: Any, default: str) -> str:
@@ -147,9 +158,11 @@ class _TarContents:
 class Importer:
     """Puts local content in the cache: tarballs and the Go server's image store."""
 
-    def __init__(self, index: Index, store: BlobStore) -> None:
+    def __init__(self, index: Index, store: ContentStore, to_thread: ToThread = inline) -> None:
         self._index = index
         self._store = store
+        # Where the reads of local files go, so that the reactor keeps uploading and serving meanwhile.
+        self._to_thread = to_thread
 
     async def load_tarball(self, path: str, name: str | None = None) -> list[Loaded]:
         """Load a ``docker save`` or OCI-layout tarball (plain or gzip); ``name`` names untagged content."""
@@ -168,10 +181,18 @@ class Importer:
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"{path}: malformed {', '.join(contents.documents)}: {e!r}") from None
         finally:
-            for digest in contents.written:
-                if await self._index.manifest(digest) is None and await self._index.blob_size(digest) is None:
-                    self._store.remove(digest)
+            await self._remove_unrecorded(contents.written)
         return loaded
+
+    async def _remove_unrecorded(self, digests: list[str]) -> None:
+        """Remove what a failed load stored and no row names, unless a replica is downloading it meanwhile."""
+        store = self._store
+        for digest in digests:
+            if isinstance(store, BucketStore):
+                if not await self._index.run(still_used, [digest]):
+                    await store.s3.delete(key_for(digest))
+            elif isinstance(store, BlobStore) and not await self._index.run(IndexConnection.names, digest):
+                store.remove(digest)
 
     async def _read_tar(self, path: str, contents: _TarContents, wanted: dict[str, str] | None) -> None:
         """Stream a tarball once: store blobs named by digest, keep the documents, hash the rest.
@@ -179,7 +200,7 @@ class Importer:
         With ``wanted`` (member name to digest), store those members instead.
         """
         with tarfile.open(path, "r|*") as tar:
-            for member in tar:
+            while (member := await self._to_thread(tar.next)) is not None:
                 name = os.path.normpath(member.name)
                 reader = tar.extractfile(member) if member.isfile() else None
                 if reader is None:
@@ -191,28 +212,48 @@ class Importer:
                 elif match:
                     await self._store_stream(reader, check_digest(f"{match[1]}:{match[2]}"), contents)
                 elif name in _DOCUMENTS:
-                    contents.documents[name] = reader.read()
+                    contents.documents[name] = await self._to_thread(reader.read)
                 else:
-                    contents.files[name] = _hash_stream(reader)
+                    contents.files[name] = await self._to_thread(_hash_stream, reader)
+
+    async def _stored_size(self, digest: str) -> int | None:
+        """The size of content the index records and the store holds, or None."""
+        size = await self._index.blob_size(digest)
+        if size is None:
+            record = await self._index.manifest(digest)
+            size = None if record is None else record.size
+        if size is None:
+            return None
+        stored = await self._store.open_blob(digest, size)
+        if isinstance(stored, BlobSource):
+            stored.close()
+        return None if stored is None else size
 
     async def _store_stream(self, reader: IO[bytes], digest: str, contents: _TarContents) -> None:
-        """Write content that must hash to ``digest`` into the store, unless it is cached already."""
-        path = self._store.path_for(digest)
-        if os.path.exists(path) and (await self._index.blob_size(digest) is not None
-                                     or await self._index.manifest(digest) is not None):
-            contents.present[digest] = os.path.getsize(path)
+        """Write content that must hash to ``digest`` into the store, unless it is cached already.
+
+        Read a chunk at a time in a thread, each written before the next is read
+        (a bucket's upload paces the reading), so a blob is never whole in memory.
+        """
+        size = await self._stored_size(digest)
+        if size is not None:
+            contents.present[digest] = size
             return
         writer = self._store.begin(digest)
         try:
-            while chunk := reader.read(_CHUNK):
-                writer.write(chunk)
-        except BaseException:
-            writer.abort()
-            raise
-        try:
+            while chunk := await self._to_thread(reader.read, _CHUNK):
+                room = writer.write(chunk)
+                if room is not None:
+                    await room
             await writer.commit()
         except DigestMismatch as e:
             raise LoadError(f"content named {digest} hashes to {e.actual}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            # Nobody reads content while it is loaded: what readers would use can go.
+            writer.release()
         contents.present[digest] = writer.size
         contents.written.append(digest)
 
@@ -229,7 +270,7 @@ class Importer:
     async def _record_tree(self, path: str, where: Upstream, digest: str, media_type: str | None,
                      tag: str | None, contents: _TarContents) -> tuple[int, int]:
         """Record a manifest found in a tarball and what of it the tarball holds: (manifests, blobs)."""
-        content = self._store.read(digest) if digest in contents.present else None
+        content = await self._store.read_manifest(digest) if digest in contents.present else None
         if content is None:
             raise LoadError(f"{path}: manifest {digest} is not in the tarball")
         media_type, references = describe(content, media_type, f"tarball {path}")
@@ -313,7 +354,7 @@ class Importer:
             for child in references if media_type in IMAGE_TYPES else []:
                 source = os.path.join(directory, "blobs", child.child.partition(":")[2])
                 try:
-                    with open(source, "rb") as f:
+                    with await self._to_thread(open, source, "rb") as f:
                         await self._store_stream(f, child.child, contents)
                     await self._index.record_blob(child.child, contents.present[child.child])
                     blobs += 1
@@ -332,10 +373,11 @@ class Importer:
 class Loader(Importer):
     """Fills one cache from image references (through the pull path) as well as from local content."""
 
-    def __init__(self, cache: Cache, index: Index, store: BlobStore, platform: Platform | None,
+    def __init__(self, cache: Cache, index: Index, store: ContentStore, platform: Platform | None,
                  default_ns: str = DOCKER_HUB,
-                 downloading: Callable[[BlobDownload], None] = lambda download: None) -> None:
-        super().__init__(index, store)
+                 downloading: Callable[[BlobDownload], None] = lambda download: None,
+                 to_thread: ToThread = inline) -> None:
+        super().__init__(index, store, to_thread)
         self._cache = cache
         self._platform = platform
         self._default_ns = default_ns
@@ -358,10 +400,10 @@ class Loader(Importer):
         blobs = [r.child for m in manifests if m.media_type in IMAGE_TYPES
                  for r in await self._index.references(m.digest)]
         for digest in blobs:
-            source = await self._cache.blob(where, digest)
-            if isinstance(source, BlobDownload):
-                self._downloading(source)
-                await source.finished.observe()
+            download = await self._cache.store_blob(where, digest)
+            if download is not None:
+                self._downloading(download)
+                await download.finished.observe()
         return Loaded(text, record.digest, len(manifests), len(set(blobs)))
 
 
@@ -514,8 +556,8 @@ def _log_report(name: str, result: Loaded | Exception) -> None:
                  digest=result.digest, manifests=result.manifests, blobs=result.blobs)
 
 
-def make_preload_service(cache: Cache, index: Index, image_path: str, paths: list[str],
-                         platform: Platform | None, default_ns: str, reactor: Any) -> PreloadService:
-    """A service that loads image lists and tarballs; add the listeners as children, through ``hold``."""
-    loader = Loader(cache, index, threaded_store(image_path, reactor), platform, default_ns)
+def make_preload_service(cache: Cache, index: Index, paths: list[str], platform: Platform | None,
+                         default_ns: str, reactor: Any) -> PreloadService:
+    """A service that loads image lists and tarballs into the cache's store; add the listeners through ``hold``."""
+    loader = Loader(cache, index, cache.store, platform, default_ns, to_thread=in_threads(reactor))
     return PreloadService(loader, paths)

@@ -383,8 +383,6 @@ def build_config(options: usage.Options, settings: FileSettings) -> ServerConfig
     if settings.storage is not None and index_url is None:
         raise usage.UsageError("storage.s3 needs the shared index (index.postgresql or --index-url): "
                                "the embedded sqlite index cannot be shared by replicas")
-    if settings.storage is not None and _choose(options["preload-images"], settings.preload_images, None):
-        raise usage.UsageError("preloadImages: loads files under the image path, not into storage.s3 (yet)")
     return ServerConfig(
         image_path=os.path.abspath(image_path),
         index_url=index_url,
@@ -648,7 +646,7 @@ def makeService(options: Options) -> IService:
     listeners: MultiService = service
     preload = None
     if config.preload_images:
-        preload = make_preload_service(cache, index, config.image_path, [config.preload_images],
+        preload = make_preload_service(cache, index, [config.preload_images],
                                        host_platform(config.os, config.arch), config.default_ns, reactor)
         preload.setServiceParent(service)
         listeners = preload

@@ -12,7 +12,6 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from ociregistry.config import ConfigError, S3Config, S3Settings, load_config_file
-from ociregistry.cli import main
 from ociregistry.tap import Options
 
 STORAGE = """\
@@ -125,12 +124,3 @@ class StorageOptionsTests(SynchronousTestCase):
         self.assertEqual(shown["storage"]["s3"]["secret_key"], "***")
         self.assertEqual((shown["storage"]["s3"]["bucket"], shown["advertise_url"]),
                          ("ociregistry", "http://10.0.0.11:8080"))
-
-    def test_file_commands_refuse_a_bucket(self) -> None:
-        """load and import-go-cache work on files only: with storage.s3 they refuse, saying why."""
-        path = self.write(STORAGE)
-        for argv in (["load", path], ["import-go-cache", "--from", "/"]):
-            err = io.StringIO()
-            self.patch(sys, "stderr", err)
-            self.assertEqual(main([*argv, "--config-file", path]), 1)
-            self.assertIn("with storage.s3 the content is in the bucket", err.getvalue())
