@@ -29,11 +29,17 @@ class Claims(Cluster):
     def __init__(self) -> None:
         super().__init__(None, "http://10.0.0.12:8080", Clock())  # type: ignore[arg-type]
         self.claims: list[tuple[str, str]] = []
+        self.outlasting: list[Deferred[None]] = []
 
     async def claim(self, registry: str, digest: str) -> Ours | Peer:
         """Record the claim; the other replica owns it."""
         self.claims.append((registry, digest))
         return Peer(OWNER, 2e9)
+
+    def outlast(self, registry: str, digest: str, poll: float = 0.5) -> Deferred[None]:  # type: ignore[override]
+        """The other replica's download never ends (what waits for it, a prefetch, waits on)."""
+        self.outlasting.append(Deferred())
+        return self.outlasting[-1]
 
 
 class SilentOwner:
@@ -41,11 +47,14 @@ class SilentOwner:
 
     def __init__(self) -> None:
         self.asked: list[bytes] = []
+        self.waiting: list[Deferred[object]] = []
 
     def request(self, method: bytes, uri: bytes, headers: object = None, body: object = None) -> Deferred[object]:
-        """Record the URL; no answer ever comes."""
+        """Record the URL; no answer ever comes (the request is held, as a connection holds it)."""
         self.asked.append(uri)
-        return Deferred()
+        waiting: Deferred[object] = Deferred()
+        self.waiting.append(waiting)
+        return waiting
 
 
 class ReplicaOverStubs(CacheOverStubs):
