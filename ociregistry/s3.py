@@ -30,7 +30,7 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
@@ -44,6 +44,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from ociregistry.bodies import BytesBody, Collector, Relay, discard
 from ociregistry.config import BUCKET_NAME, S3Config
 from ociregistry.errors import RangeNotSatisfiable, StorageUnavailable
+from ociregistry.inflight import Observable
 from ociregistry.store import DigestMismatch, SizeExceeded
 
 log = Logger()
@@ -626,6 +627,8 @@ class S3Writer:
         self._upload_id: str | None = None
         self._parts: list[tuple[int, str]] = []
         self._finished = False
+        self._aborted: Observable[None] | None = None
+        self._creating: Observable[str] | None = None
 
     def actual_digest(self) -> str:
         """The digest of the bytes written so far."""
@@ -669,10 +672,23 @@ class S3Writer:
 
         The abort is tried once (a writer is often aborted because the store is
         failing); a failed abort is logged, and tried again by ``retry_aborts``.
+        A second call waits for the first one's abort to end.
         """
+        if self._aborted is None:
+            self._aborted = Observable()
+            Deferred.fromCoroutine(self._abort()).addBoth(self._aborted.fire)
+        await self._aborted.observe()
+
+    async def _abort(self) -> None:
         self._finished = True
         self._chunks, self._buffered = [], 0
         upload_id, self._upload_id = self._upload_id, None
+        if upload_id is None and self._creating is not None:
+            # Aborted while the store creates the upload: it is aborted once it exists.
+            try:
+                upload_id = await self._creating.observe()
+            except Exception:
+                upload_id = None
         if upload_id is None:
             return
         self._store.writing.discard(upload_id)
@@ -696,7 +712,10 @@ class S3Writer:
 
     async def _send_part(self) -> None:
         if self._upload_id is None:
-            self._upload_id = await self._store._create_upload(self.key)
+            # Not cancelled with the writer: an abort waits for the upload id, to abort it.
+            self._creating = Observable()
+            Deferred.fromCoroutine(self._store._create_upload(self.key)).addBoth(self._creating.fire)
+            self._upload_id = await self._creating.observe()
             self._store.writing.add(self._upload_id)
             if self._began is not None:
                 await self._began(self.key, self._upload_id)
