@@ -126,6 +126,8 @@ class Engine:
     shared = False
     # The driver's errors: what a query against a broken database raises.
     errors: tuple[type[Exception], ...] = ()
+    # Those of them that mean the connection to the database was lost: the engine reconnects.
+    lost: tuple[type[Exception], ...] = ()
     clock: IReactorTime
 
     def sql(self, statement: str) -> str:
@@ -524,6 +526,8 @@ class IndexConnection:
         """None if the index answers a query, else why not."""
         try:
             self._execute("SELECT 1 FROM manifests LIMIT 1").fetchall()
+        except self._engine.lost:
+            raise
         except self._engine.errors as e:
             return f"index is not readable: {e}"
         return None

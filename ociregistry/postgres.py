@@ -52,6 +52,7 @@ class PostgresEngine(Engine):
     name = "postgres"
     shared = True
     errors = (psycopg.Error,)
+    lost = (psycopg.OperationalError,)
 
     def __init__(self, url: str, reactor: Any, pool_size: int = 8) -> None:
         self.url = url
