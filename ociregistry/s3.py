@@ -46,6 +46,7 @@ from ociregistry.config import BUCKET_NAME, S3Config
 from ociregistry.errors import RangeNotSatisfiable, StorageUnavailable
 from ociregistry.inflight import Observable
 from ociregistry.store import DigestMismatch, SizeExceeded
+from ociregistry.transport import describe
 
 log = Logger()
 
@@ -121,13 +122,6 @@ def _wraps_cancel(error: BaseException) -> bool:
     """Whether a connection failure is really our own caller cancelling the request."""
     reasons = getattr(error, "reasons", None) or []
     return any(isinstance(reason, Failure) and reason.check(CancelledError) for reason in reasons)
-
-
-def _describe(error: BaseException) -> str:
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        return "; ".join(reason.getErrorMessage() or reason.type.__name__ for reason in reasons)
-    return str(error) or type(error).__name__
 
 
 def _error_code(body: bytes) -> tuple[str, str]:
@@ -452,7 +446,7 @@ class S3Store:
                 raise _Failed(silent) from None
             if _wraps_cancel(e):
                 raise CancelledError() from None
-            raise _Failed(_describe(e)) from None
+            raise _Failed(describe(e)) from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -580,7 +574,7 @@ class ObjectBody:
             except CancelledError:
                 raise
             except Exception as e:
-                reason = "stalled" if relay.stalled else _describe(e)
+                reason = "stalled" if relay.stalled else describe(e)
             sent += relay.received
             if (relay.stopped and not relay.stalled) or sent >= self.length:
                 return
