@@ -386,6 +386,18 @@ class ReplicaTestCase(WorkspaceTestCase):
         self.addCleanup(self.s3.close)
         await self.s3.create_bucket()
 
+    def shared_config(self, registries: list[dict[str, Any]] | None = None, s3: dict[str, Any] | None = None,
+                      **extra: object) -> str:
+        """The replicas' configuration file for a command run beside them (the secret in it); ``s3`` overrides."""
+        path = self.path(f"config-{secrets.token_hex(3)}.yaml")
+        with open(path, "w") as f:
+            json.dump({"index": {"postgresql": self.database},
+                       "storage": {"s3": {"endpoint": self.rgw.endpoint, "bucket": self.bucket,
+                                          "region": self.rgw.region, "accessKey": self.rgw.access_key,
+                                          "secretKey": self.rgw.secret_key, **(s3 or {})}},
+                       "registries": registries or [], **extra}, f)
+        return path
+
     def replica_config(self, name: str, registries: list[dict[str, Any]], port: int,
                        database: str | None = None, **s3: Any) -> str:
         """The replicas' shared settings, with this replica's advertiseUrl."""

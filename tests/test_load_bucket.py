@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import time
 
 import psycopg
@@ -22,17 +20,6 @@ NAMED = "registry.example.com"
 
 class LoadIntoBucketTests(ReplicaTestCase):
     """The same commands and option as on one node, with the file replicas use: PostgreSQL and Ceph RGW."""
-
-    def shared_config(self, registries: list[dict[str, str]] | None = None) -> str:
-        """The replicas' configuration file (the secret in it, for the command)."""
-        path = self.path(f"config-{secrets.token_hex(3)}.yaml")
-        with open(path, "w") as f:
-            json.dump({"index": {"postgresql": self.database},
-                       "storage": {"s3": {"endpoint": self.rgw.endpoint, "bucket": self.bucket,
-                                          "region": self.rgw.region, "accessKey": self.rgw.access_key,
-                                          "secretKey": self.rgw.secret_key}},
-                       "registries": registries or []}, f)
-        return path
 
     def rows(self) -> dict[str, int]:
         """How many rows each table of the shared index holds."""

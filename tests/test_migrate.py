@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
 import sqlite3
 import subprocess
@@ -33,17 +32,6 @@ MIB = 1024 * 1024
 
 class MigrateTests(ReplicaTestCase):
     """A cache built on files by a single-node server, moved into a shared index and bucket."""
-
-    def shared_config(self, registries: list[dict[str, str]], **extra: object) -> str:
-        """The replicas' configuration file: the test database and bucket."""
-        path = self.path(f"config-{secrets.token_hex(3)}.yaml")
-        with open(path, "w") as f:
-            json.dump({"index": {"postgresql": self.database},
-                       "storage": {"s3": {"endpoint": self.rgw.endpoint, "bucket": self.bucket,
-                                          "region": self.rgw.region, "accessKey": self.rgw.access_key,
-                                          "secretKey": self.rgw.secret_key}},
-                       "registries": registries, **extra}, f)
-        return path
 
     async def single_node_cache(self, address: str, layer_sizes: tuple[int, ...]) -> tuple[object, object, str]:
         """An image pulled through a single-node server on files: (image, registry, image path)."""

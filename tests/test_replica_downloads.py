@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from ociregistry.s3 import key_for
 from tests.fakes import Behaviour, FakeRegistry, digest_of, listen, make_image, wait
-from tests.realparts import Registry, WebClient, log_settled, start_registry, start_relay, upload_blob
+from tests.realparts import Registry, Server, WebClient, log_settled, start_registry, start_relay, upload_blob
 from tests.services import ReplicaTestCase, until
 from tests.test_replicas import MIB
 
@@ -67,6 +67,16 @@ class ReplicaDownloadTests(ReplicaTestCase):
         digest = await upload_blob(registry, "team/app", os.urandom(size))
         relay = await start_relay(registry, test=self, rate=rate, address=address)
         return relay.host, digest, registry
+
+    async def replicas_of(self, fake: FakeRegistry) -> tuple[int, list[Server], WebClient]:
+        """Three replicas of a fake upstream, and a client: (the upstream's port, the replicas, the client)."""
+        port, listening = await listen(fake)
+        self.addCleanup(listening.stopListening)
+        registries = [{"name": f"127.0.0.1:{port}", "scheme": "http"}]
+        replicas = [await self.replica(name, registries) for name in "abc"]
+        web = WebClient()
+        self.addCleanup(web.close)
+        return port, replicas, web
 
     async def test_one_upstream_get_streamed_to_every_client(self) -> None:
         """16 concurrent GETs of one uncached blob over 3 replicas: one upstream GET, every client
@@ -144,12 +154,7 @@ class ReplicaDownloadTests(ReplicaTestCase):
         digest = digest_of(blob)
         fake.blobs[digest] = blob
         fake.behaviour[digest] = Behaviour(status=500)
-        port, listening = await listen(fake)
-        self.addCleanup(listening.stopListening)
-        registries = [{"name": f"127.0.0.1:{port}", "scheme": "http"}]
-        replicas = [await self.replica(name, registries) for name in "abc"]
-        web = WebClient()
-        self.addCleanup(web.close)
+        port, replicas, web = await self.replicas_of(fake)
         started = time.monotonic()
         answers = await DeferredList([
             Deferred.fromCoroutine(_answer(web, f"{replicas[i % 3].url}/v2/app/blobs/{digest}?ns=127.0.0.1:{port}"))
@@ -170,12 +175,7 @@ class ReplicaDownloadTests(ReplicaTestCase):
         fake = FakeRegistry()
         image = make_image(os.urandom(2000))
         fake.add_image("app", "v1", image)
-        port, listening = await listen(fake)
-        self.addCleanup(listening.stopListening)
-        registries = [{"name": f"127.0.0.1:{port}", "scheme": "http"}]
-        replicas = [await self.replica(name, registries) for name in "abc"]
-        web = WebClient()
-        self.addCleanup(web.close)
+        port, replicas, web = await self.replicas_of(fake)
 
         async def get(url: str) -> tuple[int, bytes, tuple[str, ...]]:
             response = await web.client.get(url)

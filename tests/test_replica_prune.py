@@ -67,16 +67,6 @@ class ReplicaPruneTests(ReplicaTestCase):
 
     timeout = 180
 
-    def shared_config(self, endpoint: str | None = None) -> str:
-        """The shared configuration as the CLI reads it (the bucket at ``endpoint``, by default RGW itself)."""
-        path = self.path(f"cli-{len(os.listdir(self.base))}.yaml")
-        with open(path, "w") as f:
-            json.dump({"index": {"postgresql": self.database},
-                       "storage": {"s3": {"endpoint": endpoint or self.rgw.endpoint, "bucket": self.bucket,
-                                          "region": self.rgw.region, "accessKey": self.rgw.access_key,
-                                          "secretKey": self.rgw.secret_key}}}, f)
-        return path
-
     async def admin_prune(self, port: int, **query: str) -> str:
         """DELETE /cmd/prune on an admin API: its answer, which must be a 200."""
         web = WebClient()
@@ -91,7 +81,7 @@ class ReplicaPruneTests(ReplicaTestCase):
 
     async def cli_prune(self, *args: str, endpoint: str | None = None) -> str:
         """``ociregistry prune`` with the shared configuration: its output, which must say it succeeded."""
-        result = await run_cli("prune", "--config-file", self.shared_config(endpoint), *args)
+        result = await run_cli("prune", "--config-file", self.shared_config(s3={"endpoint": endpoint} if endpoint else None), *args)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         return result.stdout
 

@@ -187,12 +187,7 @@ class ConcurrentReferenceTests(ReplicaTestCase):
         await registry.stop()
 
         # Nothing is unreferenced: a prune (CLI, then the admin API of a replica) that selects no image removes nothing.
-        config = self.path("prune.yaml")
-        with open(config, "w") as f:
-            json.dump({"index": {"postgresql": self.database},
-                       "storage": {"s3": {"endpoint": self.rgw.endpoint, "bucket": self.bucket,
-                                          "region": self.rgw.region, "accessKey": self.rgw.access_key,
-                                          "secretKey": self.rgw.secret_key}}}, f)
+        config = self.shared_config()
         result = await run_cli("prune", "--config-file", config, "--pattern", "^nothing$", "--grace", "0")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("removed 0 images, 0 manifests, 0 blobs, 0 bytes", result.stdout)
